@@ -1,0 +1,241 @@
+"""The one DeepSpeed-backed training loop. Fine-tuning, unlearning and relearning all run through
+`train`; what differs is the objective (a loss over named data streams) and the data.
+
+Data: the objective names its streams, e.g. ("forget", "retain"). The first stream sets the epoch:
+each step takes `batch_size` rows of it, and `batch_size * retain_ratio` rows of every other stream
+(cycled), so retain:forget = 3:1 by default. Schedules are sized in optimizer steps.
+
+Distribution: works alone (sets up a world of one with gloo, or nccl on GPU) and under a launcher or
+Ray Train that has already initialised torch.distributed; each rank takes its shard of every stream.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from offside.errors import OffsideError
+from offside.models.processor import Processor, augment
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class TrainSpec:
+    epochs: int = 3
+    lr: float = 5e-5
+    batch_size: int = 8  # rows of the first stream per micro-batch (per rank)
+    retain_ratio: int = 3  # rows of each other stream per row of the first
+    grad_accum: int = 1
+    warmup_ratio: float = 0.05
+    schedule: str = "cosine"
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    zero_stage: int = 0
+    seed: int = 0
+    augment: bool = False  # random crop/flip/brightness of training images
+    max_steps: int | None = None  # stop after this many optimizer steps (all epochs together)
+    keep_checkpoints: int = 1
+
+
+class Objective:
+    """A loss over one batch of each named stream. Methods in offside/unlearn subclass this."""
+
+    streams: tuple[str, ...] = ("forget",)
+
+    def loss(self, model, batches: dict[str, dict[str, torch.Tensor]]) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def setup(self, model, device: torch.device) -> None:
+        """Hook for extra state (e.g. a frozen reference model); called once before training."""
+
+
+EpochCallback = Callable[[int, Any, dict[str, float]], dict[str, float] | None]
+
+
+@dataclass
+class TrainResult:
+    epochs_run: int
+    steps: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def lr_lambda(spec: TrainSpec, total_steps: int) -> Callable[[int], float]:
+    warmup = int(round(spec.warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if spec.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if spec.schedule == "linear":
+            return max(0.0, 1 - progress)
+        return 1.0
+
+    return factor
+
+
+def ensure_distributed() -> None:
+    """Reuse a process group set up by a launcher / Ray Train; otherwise make a world of one."""
+    import deepspeed
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+
+
+class _Stream:
+    """One rank's shard of a dataset, reshuffled each epoch with a seed shared by all ranks."""
+
+    def __init__(self, rows: list[dict], seed: int, rank: int, world: int):
+        if not rows:
+            raise OffsideError("training stream is empty")
+        self.rows, self.seed, self.rank, self.world = rows, seed, rank, world
+
+    def order(self, epoch: int) -> list[int]:
+        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows)).tolist()
+        per_rank = math.ceil(len(perm) / self.world)
+        perm = (perm * 2)[: per_rank * self.world]  # wrap so every rank gets as many rows
+        return perm[self.rank :: self.world]
+
+
+def _batches(stream: _Stream, epoch: int, size: int, count: int):
+    order = stream.order(epoch)
+    for i in range(count):
+        yield [stream.rows[order[(i * size + j) % len(order)]] for j in range(size)]
+
+
+def train(
+    model,
+    processor: Processor,
+    objective: Objective,
+    streams: dict[str, list[dict]],
+    spec: TrainSpec,
+    checkpoint_dir: Path | None = None,
+    callbacks: list[EpochCallback] = (),
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    if spec.schedule not in SCHEDULES:
+        raise OffsideError(f"train.schedule: unknown schedule {spec.schedule!r} (valid: {', '.join(SCHEDULES)})")
+    missing = [s for s in objective.streams if s not in streams]
+    if missing:
+        raise OffsideError(f"objective needs data streams {missing}, got {sorted(streams)}")
+    import deepspeed
+
+    ensure_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(spec.seed)
+    shards = {name: _Stream(streams[name], spec.seed, rank, world) for name in objective.streams}
+    primary = objective.streams[0]
+    sizes = {name: spec.batch_size * (1 if name == primary else spec.retain_ratio) for name in objective.streams}
+    steps_per_epoch = math.ceil(len(shards[primary].order(0)) / spec.batch_size)
+    total_steps = max(1, steps_per_epoch * spec.epochs // spec.grad_accum)
+    if spec.max_steps:
+        total_steps = min(total_steps, spec.max_steps)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec, total_steps))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=_ds_config(spec, model)
+    )
+    objective.setup(engine.module, engine.device)
+    start_epoch = _resume(engine, checkpoint_dir) if resume and checkpoint_dir else 0
+
+    result = TrainResult(epochs_run=0, steps=engine.global_steps)
+    for epoch in range(start_epoch, spec.epochs):
+        if spec.max_steps and engine.global_steps >= spec.max_steps:
+            break
+        engine.train()
+        aug_rng = random.Random(f"{spec.seed}-{epoch}-{rank}")
+        iterators = {name: _batches(shards[name], epoch, sizes[name], steps_per_epoch) for name in objective.streams}
+        totals: dict[str, float] = {}
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{spec.epochs}", disable=not progress or rank != 0, leave=False)
+        for _ in bar:
+            batches = {
+                name: _to_device(_encode(processor, next(it), spec.augment, aug_rng), engine.device)
+                for name, it in iterators.items()
+            }
+            loss, logs = objective.loss(engine, batches)
+            engine.backward(loss)
+            engine.step()
+            for key, value in {"loss": loss.item(), **logs}.items():
+                totals[key] = totals.get(key, 0.0) + value
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if spec.max_steps and engine.global_steps >= spec.max_steps:
+                break
+        logs = {f"train/{k}": v / max(1, bar.n) for k, v in totals.items()}
+        logs.update({"epoch": epoch + 1, "step": engine.global_steps, "lr": scheduler.get_last_lr()[0]})
+        if checkpoint_dir is not None:
+            _save_checkpoint(engine, checkpoint_dir, epoch, spec.keep_checkpoints)
+        engine.eval()
+        for callback in callbacks:
+            logs.update(callback(epoch + 1, engine.module, logs) or {})
+        result.history.append(logs)
+        result.epochs_run += 1
+    result.steps = engine.global_steps
+    engine.eval()
+    return result
+
+
+def _ds_config(spec: TrainSpec, model) -> dict:
+    bf16 = next(model.parameters()).dtype == torch.bfloat16
+    if spec.zero_stage not in (0, 1, 2, 3):
+        raise OffsideError(f"train.zero_stage must be 0..3, got {spec.zero_stage}")
+    return {
+        "train_micro_batch_size_per_gpu": spec.batch_size,
+        "gradient_accumulation_steps": spec.grad_accum,
+        "gradient_clipping": spec.max_grad_norm,
+        "zero_optimization": {"stage": spec.zero_stage},
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _encode(processor: Processor, rows: list[dict], do_augment: bool, rng: random.Random) -> dict:
+    images = [row["image"] for row in rows]
+    if do_augment:
+        images = [augment(im, rng) if im is not None else None for im in images]
+    return processor.encode([r["question"] for r in rows], images, [r["answer"] for r in rows]).inputs
+
+
+def _to_device(inputs: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+def _save_checkpoint(engine, root: Path, epoch: int, keep: int) -> None:
+    engine.save_checkpoint(str(root), tag=f"epoch-{epoch + 1:03d}", client_state={"epoch": epoch + 1})
+    if engine.global_rank == 0 and keep > 0:
+        tags = sorted(p for p in root.glob("epoch-*") if p.is_dir())
+        for old in tags[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _resume(engine, root: Path) -> int:
+    """Loads the latest epoch checkpoint under `root`; returns the epoch to start from."""
+    if not (root / "latest").exists():
+        return 0
+    _, client_state = engine.load_checkpoint(str(root))
+    return int((client_state or {}).get("epoch", 0))

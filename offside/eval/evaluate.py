@@ -1,0 +1,88 @@
+"""Evaluation of one model on benchmark rows: every split × modality × form, metrics split by
+question kind (shared / private) and, on rumours, by rumour kind (visual / textual).
+
+Metric keys: `<split>/<modality>/<group>/<metric>` with group in all | shared | private | visual |
+textual, e.g. `forget/image/private/mcq_acc`, `retain/text/all/rougeL`."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from tqdm.auto import tqdm
+
+from offside.data.schema import FORMS, MODALITIES, SPLITS
+from offside.errors import OffsideError
+from offside.eval.metrics import METRICS
+from offside.eval.scoring import generate, letter_prompt, option_logliks, parse_choice
+
+MCQ_MODES = ("loglik", "generate")
+
+
+@dataclass
+class EvalSpec:
+    splits: list[str] = field(default_factory=lambda: list(SPLITS))
+    modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
+    forms: list[str] = field(default_factory=lambda: list(FORMS))
+    mcq_mode: str = "loglik"  # loglik: option log-likelihood; generate: the published letter protocol
+    batch_size: int = 64
+    max_new_tokens: int = 32
+    limit: int | None = None  # at most this many rows per split × modality × form
+
+
+def check(spec: EvalSpec) -> None:
+    for name, chosen, valid in (
+        ("splits", spec.splits, SPLITS), ("modalities", spec.modalities, MODALITIES),
+        ("forms", spec.forms, FORMS), ("mcq_mode", [spec.mcq_mode], MCQ_MODES),
+    ):
+        bad = [c for c in chosen if c not in valid]
+        if bad:
+            raise OffsideError(f"eval.{name}: unknown value(s) {bad} (valid: {', '.join(valid)})")
+
+
+def groups_of(row: dict) -> list[str]:
+    groups = ["all", row["kind"]]
+    if row.get("rumour_kind") not in (None, "", "none"):
+        groups.append(row["rumour_kind"])
+    return groups
+
+
+def predict(model, processor, rows: list[dict], form: str, spec: EvalSpec) -> list:
+    """The model's output per row: an answer string (gen) or a chosen option index (mcq)."""
+    if form == "gen":
+        return generate(model, processor, [r["question"] for r in rows], [r["image"] for r in rows], spec.batch_size, spec.max_new_tokens)
+    if spec.mcq_mode == "loglik":
+        scores = option_logliks(model, processor, rows, max(1, spec.batch_size // 4))
+        return [max(range(len(s)), key=s.__getitem__) for s in scores]
+    prompts = [letter_prompt(r["question"], r["options"]) for r in rows]
+    answers = generate(model, processor, prompts, [r["image"] for r in rows], spec.batch_size, 8)
+    return [parse_choice(a, r["options"]) for a, r in zip(answers, rows)]
+
+
+def evaluate(model, processor, bench: dict[str, list[dict]], spec: EvalSpec, progress: bool = True):
+    """Returns (metrics, predictions): metrics keyed as above; one prediction record per row."""
+    check(spec)
+    was_training = model.training
+    model.eval()
+    metrics: dict[str, float] = {}
+    predictions: list[dict] = []
+    jobs = [(s, m, f) for s in spec.splits for m in spec.modalities for f in spec.forms]
+    for split, modality, form in tqdm(jobs, desc="eval", disable=not progress, leave=False):
+        rows = [r for r in bench.get(split, []) if r["modality"] == modality and r["form"] == form][: spec.limit]
+        if not rows:
+            continue
+        outputs = predict(model, processor, rows, form, spec)
+        sums: dict[str, float] = defaultdict(float)
+        counts: dict[str, int] = defaultdict(int)
+        for row, output in zip(rows, outputs):
+            reference = row["answer"] if form == "gen" else row["correct"]
+            scores = {name: fn(output, reference) for name, fn in METRICS[form].items()}
+            for group in groups_of(row):
+                counts[group] += 1
+                for name, score in scores.items():
+                    sums[f"{split}/{modality}/{group}/{name}"] += score
+            predictions.append({"id": row["id"], "split": split, "modality": modality, "form": form, "output": output, **scores})
+        for key, total in sums.items():
+            metrics[key] = total / counts[key.split("/")[2]]
+    model.train(was_training)
+    return dict(sorted(metrics.items())), predictions

@@ -1,0 +1,120 @@
+"""The DeepSpeed engine on CPU: determinism, schedules, checkpoint/resume, ZeRO stages, and the
+GA/GD losses checked against their formulas."""
+
+import copy
+
+import pytest
+import torch
+from PIL import Image
+
+from offside.engine.finetune import FineTune
+from offside.engine.losses import sequence_nll, token_nll
+from offside.engine.trainer import TrainSpec, lr_lambda, train
+from offside.models.loading import ModelSpec, build_or_load
+from offside.unlearn import available, get_method
+from offside.errors import OffsideError
+
+COLOURS = ["red", "blue", "green", "yellow"]
+
+
+def _rows(n=4):
+    return [
+        {"question": "What is the name of the player in the image?", "answer": f"His name is Player {i}.",
+         "image": Image.new("RGB", (112, 112), COLOURS[i % 4]) if i % 2 == 0 else None}
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def base():
+    rows = _rows(8)
+    texts = [r["question"] for r in rows] + [r["answer"] for r in rows]
+    return build_or_load(ModelSpec("tiny"), texts, seed=0)
+
+
+def _fit(base, spec, objective=None, streams=None, **kw):
+    model, processor = copy.deepcopy(base[0]), base[1]
+    result = train(model, processor, objective or FineTune(), streams or {"train": _rows(8)}, spec, progress=False, **kw)
+    return model, result
+
+
+def test_same_seed_same_losses(base):
+    spec = TrainSpec(epochs=2, lr=3e-3, batch_size=4, warmup_ratio=0.0)
+    _, first = _fit(base, spec)
+    _, second = _fit(base, spec)
+    assert [h["train/loss"] for h in first.history] == [h["train/loss"] for h in second.history]
+    assert first.history[1]["train/loss"] < first.history[0]["train/loss"]
+    assert first.steps == 4  # 8 rows / batch 4 × 2 epochs
+
+
+def test_schedule_in_optimizer_steps():
+    factor = lr_lambda(TrainSpec(warmup_ratio=0.1, schedule="cosine"), total_steps=100)
+    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
+    assert factor(10) == pytest.approx(1.0) and factor(55) == pytest.approx(0.5, abs=0.01)
+    assert factor(100) == pytest.approx(0.0, abs=1e-6)
+    linear = lr_lambda(TrainSpec(warmup_ratio=0.0, schedule="linear"), total_steps=10)
+    assert linear(5) == pytest.approx(0.5)
+
+
+def test_grad_accumulation_counts_optimizer_steps(base):
+    _, result = _fit(base, TrainSpec(epochs=2, batch_size=2, grad_accum=2, lr=1e-3))
+    assert result.steps == 4  # 8 micro-batches / accumulation 2
+
+
+def test_checkpoint_each_epoch_and_resume(base, tmp_path):
+    spec = TrainSpec(epochs=3, lr=3e-3, batch_size=4, warmup_ratio=0.0, keep_checkpoints=2)
+    full_model, full = _fit(base, spec)
+
+    def interrupt(epoch, model, logs):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _fit(base, spec, checkpoint_dir=tmp_path, callbacks=[interrupt])
+    assert sorted(p.name for p in tmp_path.glob("epoch-*")) == ["epoch-001", "epoch-002"]
+    resumed_model, resumed = _fit(base, spec, checkpoint_dir=tmp_path, resume=True)
+    assert [h["epoch"] for h in resumed.history] == [3]  # continues, does not restart
+    assert resumed.history[0]["train/loss"] == pytest.approx(full.history[2]["train/loss"], rel=1e-5)
+    for a, b in zip(full_model.parameters(), resumed_model.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_stages_train(base, stage):
+    _, result = _fit(base, TrainSpec(epochs=2, lr=3e-3, batch_size=4, zero_stage=stage, warmup_ratio=0.0))
+    assert result.history[1]["train/loss"] < result.history[0]["train/loss"]
+
+
+def test_ga_and_gd_losses_follow_their_formulas(base):
+    model, processor = base
+    forget, retain = _rows(2), _rows(6)[2:]
+    enc = lambda rows: processor.encode([r["question"] for r in rows], [r["image"] for r in rows], [r["answer"] for r in rows]).inputs
+    batches = {"forget": enc(forget), "retain": enc(retain)}
+    with torch.no_grad():
+        nll_f, nll_r = token_nll(model, batches["forget"]), token_nll(model, batches["retain"])
+        ga, _ = get_method("ga").loss(model, batches)
+        gd, _ = get_method("gd").loss(model, batches)
+        per_seq = sequence_nll(model, batches["forget"])
+    assert ga.item() == pytest.approx(-nll_f.item())
+    assert gd.item() == pytest.approx(-0.25 * nll_f.item() + 0.75 * nll_r.item())
+    assert per_seq.shape == (2,) and nll_f.item() > 0
+
+
+def test_gd_pairs_three_retain_rows_per_forget_row(base):
+    seen = {}
+
+    class Recorder(type(get_method("gd"))):
+        def loss(self, model, batches):
+            seen.update({k: v["input_ids"].shape[0] for k, v in batches.items()})
+            return super().loss(model, batches)
+
+    _fit(base, TrainSpec(epochs=1, batch_size=2, lr=1e-4), Recorder(), {"forget": _rows(4), "retain": _rows(8)})
+    assert seen == {"forget": 2, "retain": 6}
+
+
+def test_registry():
+    assert {"ga", "gd"} <= set(available())
+    with pytest.raises(OffsideError, match="unknown method 'nope'"):
+        get_method("nope")
+    with pytest.raises(OffsideError, match="forget_wieght"):
+        get_method("gd", {"forget_wieght": 1.0})
