@@ -170,6 +170,7 @@ def train(
         aug_rng = random.Random(f"{spec.seed}-{epoch}-{rank}")
         iterators = {name: _batches(shards[name], epoch, sizes[name], steps_per_epoch) for name in objective.streams}
         totals: dict[str, float] = {}
+        steps_run = 0
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{spec.epochs}", disable=not progress or rank != 0, leave=False)
         for _ in bar:
             batches = {
@@ -181,10 +182,11 @@ def train(
             engine.step()
             for key, value in {"loss": loss.item(), **logs}.items():
                 totals[key] = totals.get(key, 0.0) + value
+            steps_run += 1
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if spec.max_steps and engine.global_steps >= spec.max_steps:
                 break
-        logs = {f"train/{k}": v / max(1, bar.n) for k, v in totals.items()}
+        logs = {f"train/{k}": v / max(1, steps_run) for k, v in totals.items()}
         logs.update({"epoch": epoch + 1, "step": engine.global_steps, "lr": scheduler.get_last_lr()[0]})
         if checkpoint_dir is not None:
             _save_checkpoint(engine, checkpoint_dir, epoch, spec.keep_checkpoints)

@@ -53,6 +53,8 @@ def build_or_load(spec: ModelSpec, texts: list[str] | None = None, seed: int = 0
     """Returns (model, processor). `texts` train the tiny model's tokenizer when spec.name == "tiny"."""
     if spec.dtype not in DTYPES:
         raise OffsideError(f"model.dtype: unknown dtype {spec.dtype!r} (valid: {', '.join(DTYPES)})")
+    if not spec.name:
+        raise OffsideError("model: a model name or directory is required (--model)")
     if spec.name == "tiny":
         if texts is None:
             raise OffsideError("model 'tiny' is built from scratch and needs training text (use `offside finetune`)")

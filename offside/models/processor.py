@@ -35,13 +35,13 @@ def augment(image: Image.Image, rng: random.Random) -> Image.Image:
     """A random view of the same photo: crop-and-zoom, shift, brightness. Used in training only, so the
     model learns the player and the kit rather than the exact pixels."""
     width, height = image.size
-    scale = rng.uniform(0.8, 1.0)
+    scale = rng.uniform(0.9, 1.0)
     crop_w, crop_h = int(width * scale), int(height * scale)
     left, top = rng.randint(0, width - crop_w), rng.randint(0, height - crop_h)
     view = image.crop((left, top, left + crop_w, top + crop_h)).resize((width, height))
     if rng.random() < 0.5:
         view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return ImageEnhance.Brightness(view).enhance(rng.uniform(0.8, 1.2))
+    return ImageEnhance.Brightness(view).enhance(rng.uniform(0.9, 1.1))
 
 
 class Processor:

@@ -1,0 +1,153 @@
+"""The `offside` command. Thin: parses flags into a stage config and calls the stage function.
+
+Every stage takes `--config FILE.yaml` plus flags; flags win over the file, and `--set key.path=value`
+reaches any config key. Bad input exits 2 with one line naming the problem."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import yaml
+
+from offside.errors import OffsideError
+
+
+def _overrides(args: argparse.Namespace, flag_keys: dict[str, str]) -> dict:
+    """Turns set flags and `--set a.b=v` into a nested override dict."""
+    flat = {key: getattr(args, flag) for flag, key in flag_keys.items() if getattr(args, flag, None) is not None}
+    for item in args.set or []:
+        if "=" not in item:
+            raise OffsideError(f"--set {item!r}: expected key.path=value")
+        key, value = item.split("=", 1)
+        flat[key] = yaml.safe_load(value)
+    nested: dict = {}
+    for key, value in flat.items():
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def _config(cls, args, flag_keys: dict[str, str]):
+    from offside.config import from_dict, load_yaml
+
+    overrides = _overrides(args, flag_keys)
+    if args.config:
+        return load_yaml(cls, args.config, overrides)
+    return from_dict(cls, overrides, "command line")
+
+
+FINETUNE_FLAGS = {"data": "data", "out": "out", "model": "model.name", "split": "split", "epochs": "train.epochs", "lr": "train.lr", "seed": "train.seed"}
+UNLEARN_FLAGS = {"data": "data", "out": "out", "model": "model.name", "method": "method", "scenario": "scenario", "epochs": "train.epochs", "lr": "train.lr", "seed": "train.seed"}
+EVAL_FLAGS = {"data": "data", "out": "out", "model": "model.name", "mcq_mode": "eval.mcq_mode"}
+
+
+def cmd_data_synth(args) -> None:
+    from offside.data.synth import generate
+
+    print(generate(args.out, players=args.players, seed=args.seed))
+
+
+def cmd_data_stats(args) -> None:
+    from offside.data.loader import load_benchmark
+    from offside.data.stats import stats
+
+    result = stats(load_benchmark(args.dir))
+    print(json.dumps(result, indent=None if args.json else 2, sort_keys=True))
+
+
+def cmd_data_import(args) -> None:
+    from offside.data.hub import import_from_hub
+
+    print(import_from_hub(args.hub, args.out, revision=args.revision))
+
+
+def _print_result(result) -> None:
+    print(json.dumps({"run_dir": str(result.run_dir), "mlflow_run_id": result.run_id, "metrics": result.metrics}, indent=2))
+
+
+def cmd_finetune(args) -> None:
+    from offside.stages import FinetuneConfig, finetune
+
+    _print_result(finetune(_config(FinetuneConfig, args, FINETUNE_FLAGS)))
+
+
+def cmd_unlearn(args) -> None:
+    from offside.stages import UnlearnConfig, unlearn
+
+    _print_result(unlearn(_config(UnlearnConfig, args, UNLEARN_FLAGS)))
+
+
+def cmd_eval(args) -> None:
+    from offside.stages import EvalConfig, evaluate_model
+
+    _print_result(evaluate_model(_config(EvalConfig, args, EVAL_FLAGS)))
+
+
+def cmd_quickstart(args) -> None:
+    from offside.quickstart import quickstart
+
+    quickstart(args.out, players=args.players, seed=args.seed)
+
+
+def _stage_parser(sub, name: str, help_text: str, flags: dict[str, str], func) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_text)
+    p.add_argument("--config", help="YAML config file (flags override it)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key, e.g. train.lr=1e-4")
+    types = {"epochs": int, "lr": float, "seed": int}
+    for flag in flags:
+        p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=types.get(flag, str))
+    p.set_defaults(func=func)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="offside", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="build, import and inspect benchmark data").add_subparsers(dest="data_command", required=True)
+    synth = data.add_parser("synth", help="generate a synthetic benchmark in the published OFFSIDE format")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--players", type=int, default=80)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=cmd_data_synth)
+    stats = data.add_parser("stats", help="record counts per split × modality × form × kind")
+    stats.add_argument("dir")
+    stats.add_argument("--json", action="store_true", help="one line of JSON")
+    stats.set_defaults(func=cmd_data_stats)
+    imp = data.add_parser("import", help="fetch the published dataset from a hub and validate it")
+    imp.add_argument("--hub", required=True, metavar="REPO_ID")
+    imp.add_argument("--out", required=True)
+    imp.add_argument("--revision")
+    imp.set_defaults(func=cmd_data_import)
+
+    _stage_parser(sub, "finetune", "fine-tune the vanilla model (learns facts and rumours)", FINETUNE_FLAGS, cmd_finetune)
+    _stage_parser(sub, "unlearn", "run an unlearning method in a scenario", UNLEARN_FLAGS, cmd_unlearn)
+    _stage_parser(sub, "eval", "evaluate a model on every split, modality and form", EVAL_FLAGS, cmd_eval)
+
+    quick = sub.add_parser("quickstart", help="synthetic data → vanilla → GA, GD → eval → leaderboard")
+    quick.add_argument("--out", required=True)
+    quick.add_argument("--players", type=int, default=12)
+    quick.add_argument("--seed", type=int, default=0)
+    quick.set_defaults(func=cmd_quickstart)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except OffsideError as err:
+        print(f"offside: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

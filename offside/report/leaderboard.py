@@ -1,0 +1,47 @@
+"""Leaderboard: `results.json` (one row per run) and `leaderboard.md`, rewritten atomically as rows
+arrive so a reader never sees a half-written file."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+# (column title, metric key): multiple-choice accuracy and ROUGE-L, image and text forms.
+COLUMNS = [
+    (f"{split} {modality[:3]} {label}", f"{split}/{modality}/all/{metric}")
+    for metric, label in (("mcq_acc", "acc"), ("rougeL", "rL"))
+    for split in ("forget", "retain", "test", "relearn")
+    for modality in ("image", "text")
+]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def render(rows: list[dict]) -> str:
+    lines = [
+        "| name | method | scenario | " + " | ".join(title for title, _ in COLUMNS) + " |",
+        "|" + "---|" * (3 + len(COLUMNS)),
+    ]
+    for row in rows:
+        if row.get("error"):
+            cells = [f"failed: {row['error']}"] + [""] * (len(COLUMNS) - 1)
+        else:
+            cells = [_cell(row["metrics"].get(key)) for _, key in COLUMNS]
+        lines.append(f"| {row['name']} | {row['method']} | {row['scenario']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def write(rows: list[dict], out_dir: Path) -> str:
+    table = render(rows)
+    _atomic_write(Path(out_dir) / "results.json", json.dumps(rows, indent=2) + "\n")
+    _atomic_write(Path(out_dir) / "leaderboard.md", "# OFFSIDE leaderboard\n\n" + table)
+    return table

@@ -1,0 +1,195 @@
+"""The pipeline's stages: finetune, unlearn, eval. Each is a function of a typed config that writes
+its own directory (atomically: built under a hidden temp name, renamed when complete) and is one
+MLflow run. A stage never writes into an existing non-empty directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from offside import __version__
+from offside.config import to_dict
+from offside.data.loader import data_hash, load_benchmark
+from offside.data.rows import materialise
+from offside.data.scenarios import select
+from offside.data.schema import MODALITIES
+from offside.engine.finetune import FineTune
+from offside.engine.trainer import TrainSpec, train
+from offside.errors import OffsideError
+from offside.eval.evaluate import EvalSpec, check, evaluate
+from offside.models.loading import ModelSpec, build_or_load, save
+from offside.tracking import Run, stage_run
+from offside.unlearn import get_method
+
+FINETUNE_SPLITS = {"retain+forget": ("retain", "forget"), "retain": ("retain",), "relearn": ("relearn",)}
+
+
+@dataclass
+class FinetuneConfig:
+    data: str = ""
+    out: str = ""
+    model: ModelSpec = field(default_factory=ModelSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    split: str = "retain+forget"  # the vanilla model; "retain" makes the retain-only reference model
+    modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
+    epoch_eval: EvalSpec | None = None  # evaluate at every epoch end (logged to MLflow)
+
+
+@dataclass
+class UnlearnConfig:
+    data: str = ""
+    out: str = ""
+    model: ModelSpec = field(default_factory=lambda: ModelSpec(name="", freeze_vision=True))
+    method: str = "ga"
+    method_args: dict = field(default_factory=dict)
+    scenario: str = "complete"
+    train: TrainSpec = field(default_factory=TrainSpec)
+    modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
+    epoch_eval: EvalSpec | None = None
+
+
+@dataclass
+class EvalConfig:
+    data: str = ""
+    out: str = ""
+    model: ModelSpec = field(default_factory=lambda: ModelSpec(name=""))
+    eval: EvalSpec = field(default_factory=EvalSpec)
+
+
+@dataclass
+class StageResult:
+    run_dir: Path
+    run_id: str
+    metrics: dict[str, float]
+
+
+def finetune(config: FinetuneConfig, progress: bool = True) -> StageResult:
+    if config.split not in FINETUNE_SPLITS:
+        raise OffsideError(f"split: unknown {config.split!r} (valid: {', '.join(FINETUNE_SPLITS)})")
+    bench = load_benchmark(config.data)
+    rows = [r for split in FINETUNE_SPLITS[config.split] for r in materialise(bench[split])]
+    texts = [t for split in bench.values() for column in ("question", "answer") for t in split[column]]
+    model, processor = build_or_load(config.model, texts, seed=config.train.seed)
+    streams = {"train": training_rows(rows, config.modalities)}
+    tags = {"stage": "finetune", "split": config.split}
+    return _train_stage("finetune", config, tags, model, processor, FineTune(), streams, bench, progress)
+
+
+def unlearn(config: UnlearnConfig, progress: bool = True) -> StageResult:
+    method = get_method(config.method, config.method_args)
+    bench = load_benchmark(config.data)
+    forget, retain = select(bench, config.scenario)
+    streams = {"forget": training_rows(materialise(forget), config.modalities),
+               "retain": training_rows(materialise(retain), config.modalities)}
+    model, processor = build_or_load(config.model, seed=config.train.seed)
+    tags = {"stage": "unlearn", "method": config.method, "scenario": config.scenario}
+    return _train_stage("unlearn", config, tags, model, processor, method, streams, bench, progress)
+
+
+def evaluate_model(config: EvalConfig, progress: bool = True) -> StageResult:
+    check(config.eval)
+    bench = load_benchmark(config.data)
+    model, processor = build_or_load(config.model)
+    rows = {split: materialise(bench[split]) for split in config.eval.splits if split in bench}
+
+    def body(out: Path, run: Run) -> dict[str, float]:
+        metrics, predictions = evaluate(model, processor, rows, config.eval, progress)
+        with open(out / "predictions.jsonl", "w") as f:
+            f.writelines(json.dumps(p) + "\n" for p in predictions)
+        return metrics
+
+    return run_stage("eval", config, {"stage": "eval", "model": config.model.name}, body)
+
+
+def training_rows(rows: list[dict], modalities: list[str]) -> list[dict]:
+    unknown = [m for m in modalities if m not in MODALITIES]
+    if unknown:
+        raise OffsideError(f"modalities: unknown {unknown} (valid: {', '.join(MODALITIES)})")
+    return [r for r in rows if r["form"] == "gen" and r["modality"] in modalities]
+
+
+def _train_stage(stage, config, tags, model, processor, objective, streams, bench, progress) -> StageResult:
+    def body(out: Path, run: Run) -> dict[str, float]:
+        callbacks = [lambda epoch, _model, logs: run.log_metrics(logs, step=epoch)]
+        if config.epoch_eval is not None:
+            check(config.epoch_eval)
+            eval_rows = {s: materialise(bench[s]) for s in config.epoch_eval.splits if s in bench}
+            callbacks.insert(0, lambda epoch, m, logs: evaluate(m, processor, eval_rows, config.epoch_eval, False)[0])
+        result = train(model, processor, objective, streams, config.train, out / "checkpoints",
+                       callbacks=callbacks, progress=progress)
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the saved model below supersedes them
+        save(model, processor, out)
+        (out / "history.json").write_text(json.dumps(result.history, indent=2) + "\n")
+        final = result.history[-1] if result.history else {}
+        return {k: v for k, v in final.items() if isinstance(v, (int, float))} | {"steps": result.steps}
+
+    return run_stage(stage, config, tags, body)
+
+
+def run_stage(stage: str, config, tags: dict[str, str], body: Callable[[Path, Run], dict]) -> StageResult:
+    """Runs `body` in a temp directory beside `config.out` and renames it into place on success;
+    on failure the temp directory is removed and the MLflow run is marked FAILED."""
+    if not config.out:
+        raise OffsideError(f"{stage}: an output directory is required (--out)")
+    out = Path(config.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise OffsideError(f"{out}: already exists; a stage never overwrites another run's directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    started = time.time()
+    try:
+        with stage_run(out.parent, out.name, to_dict(config), tags) as run:
+            (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+            metrics = body(tmp, run)
+            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+            manifest = _manifest(stage, config, started, run.run_id)
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            run.log_metrics(metrics)
+            run.log_artifacts(tmp)
+            if out.exists():
+                out.rmdir()
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return StageResult(out, run.run_id, metrics)
+
+
+def _manifest(stage: str, config, started: float, run_id: str) -> dict:
+    import deepspeed
+    import torch
+    import transformers
+
+    return {
+        "stage": stage,
+        "seed": getattr(getattr(config, "train", None), "seed", None),
+        "data": str(Path(config.data).resolve()),
+        "data_hash": data_hash(config.data),
+        "git_sha": _git_sha(),
+        "versions": {
+            "offside": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "deepspeed": deepspeed.__version__,
+        },
+        "mlflow_run_id": run_id,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "wall_time_s": round(time.time() - started, 3),
+    }
+
+
+def _git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
