@@ -73,6 +73,7 @@ class StageResult:
 
 
 def finetune(config: FinetuneConfig, progress: bool = True) -> StageResult:
+    check_out(config.out)
     if config.split not in FINETUNE_SPLITS:
         raise OffsideError(f"split: unknown {config.split!r} (valid: {', '.join(FINETUNE_SPLITS)})")
     bench = load_benchmark(config.data)
@@ -85,6 +86,7 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> StageResult:
 
 
 def unlearn(config: UnlearnConfig, progress: bool = True) -> StageResult:
+    check_out(config.out)
     method = get_method(config.method, config.method_args)
     bench = load_benchmark(config.data)
     forget, retain = select(bench, config.scenario)
@@ -96,6 +98,7 @@ def unlearn(config: UnlearnConfig, progress: bool = True) -> StageResult:
 
 
 def evaluate_model(config: EvalConfig, progress: bool = True) -> StageResult:
+    check_out(config.out)
     check(config.eval)
     bench = load_benchmark(config.data)
     model, processor = build_or_load(config.model)
@@ -130,7 +133,8 @@ def _train_stage(stage, config, tags, model, processor, objective, streams, benc
         save(model, processor, out)
         (out / "history.json").write_text(json.dumps(result.history, indent=2) + "\n")
         final = result.history[-1] if result.history else {}
-        return {k: v for k, v in final.items() if isinstance(v, (int, float))} | {"steps": result.steps}
+        # Per-epoch values are already logged at their epoch; the summary gets its own names.
+        return {f"final/{k}": v for k, v in final.items() if isinstance(v, (int, float))} | {"steps": result.steps}
 
     return run_stage(stage, config, tags, body)
 
@@ -138,11 +142,7 @@ def _train_stage(stage, config, tags, model, processor, objective, streams, benc
 def run_stage(stage: str, config, tags: dict[str, str], body: Callable[[Path, Run], dict]) -> StageResult:
     """Runs `body` in a temp directory beside `config.out` and renames it into place on success;
     on failure the temp directory is removed and the MLflow run is marked FAILED."""
-    if not config.out:
-        raise OffsideError(f"{stage}: an output directory is required (--out)")
-    out = Path(config.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise OffsideError(f"{out}: already exists; a stage never overwrites another run's directory")
+    out = check_out(config.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -164,6 +164,16 @@ def run_stage(stage: str, config, tags: dict[str, str], body: Callable[[Path, Ru
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return StageResult(out, run.run_id, metrics)
+
+
+def check_out(out: str) -> Path:
+    """Fails before any work if the stage's output directory is missing or already used."""
+    if not out:
+        raise OffsideError("an output directory is required (--out)")
+    path = Path(out)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise OffsideError(f"{path}: already exists; a stage never overwrites another run's directory")
+    return path
 
 
 def _manifest(stage: str, config, started: float, run_id: str) -> dict:

@@ -7,6 +7,4 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first, from the constraints file: an unpinned torch would pull a multi-GB CUDA build.
 .venv/bin/pip install -q -c constraints.txt torch
-# deepspeed is an sdist that needs torch importable at build time.
-.venv/bin/pip install -q -c constraints.txt --no-build-isolation deepspeed
 .venv/bin/pip install -q -c constraints.txt -e ".[test]"

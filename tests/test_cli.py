@@ -123,3 +123,28 @@ def test_console_script_exit_code_and_stats(data):
     bad = subprocess.run([sys.executable, "-m", "offside.cli", "unlearn", "--method", "nope", "--data", str(data),
                           "--model", "x", "--out", "y"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "unknown method" in bad.stderr
+
+
+def test_published_format_directory_loads_and_evaluates(tmp_path, vanilla):
+    from test_data import _published
+
+    published = _published(tmp_path / "pub")
+    assert main(["eval", "--data", str(published), "--model", str(vanilla), "--out", str(tmp_path / "e"),
+                 "--set", "eval.max_new_tokens=4"]) == 0
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert "forget/image/all/mcq_acc" in metrics and "relearn/image/all/rougeL" in metrics
+    assert "forget/image/unknown/rougeL" in metrics  # rows whose field could not be inferred still count
+    assert not any(k.startswith("test/") for k in metrics)  # the fixture has no test split
+
+
+def test_lora_unlearning_saves_a_merged_model(data, vanilla, tmp_path):
+    out = tmp_path / "lora"
+    assert main(["unlearn", "--method", "ga", "--data", str(data), "--model", str(vanilla), "--out", str(out),
+                 "--set", "model.lora={r: 4, alpha: 8, targets: [q_proj, v_proj], groups: [language]}",
+                 "--set", "train.max_steps=2", "--set", "train.lr=0.01"]) == 0
+    from safetensors.torch import load_file
+
+    merged, base = load_file(out / "model.safetensors"), load_file(vanilla / "model.safetensors")
+    assert set(merged) == set(base)  # plain weights: no lora_A/lora_B left
+    changed = {k for k in base if not (merged[k] == base[k]).all()}
+    assert changed and all("q_proj" in k or "v_proj" in k for k in changed)

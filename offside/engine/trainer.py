@@ -89,18 +89,25 @@ def lr_lambda(spec: TrainSpec, total_steps: int) -> Callable[[int], float]:
 
 
 def ensure_distributed() -> None:
-    """Reuse a process group set up by a launcher / Ray Train; otherwise make a world of one."""
+    """Reuse a process group set up by a launcher / Ray Train (or its RANK/WORLD_SIZE environment);
+    otherwise make a private world of one on a free loopback port, without exporting RANK or
+    MASTER_PORT, so child processes do not mistake it for a launcher's."""
     import deepspeed
 
     if dist.is_available() and dist.is_initialized():
         return
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine asserts it; harmless without RANK
+    deepspeed.init_distributed(
+        dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+        init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+    )
 
 
 class _Stream:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+from transformers.utils import logging as hf_logging
 
 from offside.errors import OffsideError
 from offside.models.processor import Processor
@@ -19,6 +20,7 @@ from offside.models.tiny import TinySpec, build_tiny
 META_FILE = "offside_model.json"
 REAL_IMAGE_SIZE = 252  # the published 256×256, rounded down to a multiple of 28 (81 visual tokens)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+hf_logging.disable_progress_bar()  # per-shard load/save bars; stages show their own progress
 
 # LoRA target groups: regexes over Qwen2.5-VL module names (`model.language_model...`, `model.visual...`).
 LORA_GROUPS = {

@@ -9,10 +9,10 @@ from pathlib import Path
 
 # (column title, metric key): multiple-choice accuracy and ROUGE-L, image and text forms.
 COLUMNS = [
-    (f"{split} {modality[:3]} {label}", f"{split}/{modality}/all/{metric}")
+    (f"{split} {short} {label}", f"{split}/{modality}/all/{metric}")
     for metric, label in (("mcq_acc", "acc"), ("rougeL", "rL"))
     for split in ("forget", "retain", "test", "relearn")
-    for modality in ("image", "text")
+    for modality, short in (("image", "img"), ("text", "txt"))
 ]
 
 
