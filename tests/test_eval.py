@@ -2,6 +2,7 @@
 one-example-at-a-time scoring."""
 
 import pytest
+import torch
 
 from offside.data.loader import load_benchmark
 from offside.data.rows import materialise
@@ -66,3 +67,17 @@ def test_metric_keys_cover_splits_modalities_kinds_and_rumour_kinds(setup):
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
     assert len(predictions) == sum(min(16, sum(r["modality"] == m and r["form"] == f for r in split))
                                    for split in rows.values() for m in ("image", "text") for f in ("gen", "mcq"))
+
+
+def test_shared_prompt_scoring_equals_full_sequence_scoring(setup):
+    """The KV-cache path gives the same option log-likelihoods as scoring each full sequence."""
+    from offside.engine.losses import answer_logprobs
+
+    model, processor, rows = setup
+    mcq = [r for split in ("forget", "relearn") for r in rows[split] if r["form"] == "mcq"][::5][:10]
+    shared = option_logliks(model, processor, mcq, batch_size=10)
+    for row, got in zip(mcq, shared):
+        inputs = processor.encode([row["question"]] * 4, [row["image"]] * 4, row["options"]).inputs
+        with torch.no_grad():
+            logprobs, _ = answer_logprobs(model, inputs)
+        assert got == pytest.approx(logprobs.sum(-1).tolist(), rel=1e-4, abs=1e-3)
