@@ -33,17 +33,19 @@ def _overrides(args: argparse.Namespace, flag_keys: dict[str, str]) -> dict:
     return nested
 
 
-def _config(cls, args, flag_keys: dict[str, str]):
-    from offside.config import from_dict, load_yaml
+def _config(cls, args, flag_keys: dict[str, str], base: dict | None = None):
+    """base (e.g. a recipe) < --config file < flags and --set."""
+    from offside.config import deep_merge, from_dict, read_yaml
 
-    overrides = _overrides(args, flag_keys)
-    if args.config:
-        return load_yaml(cls, args.config, overrides)
-    return from_dict(cls, overrides, "command line")
+    data = deep_merge(base or {}, read_yaml(args.config) if args.config else {})
+    return from_dict(cls, deep_merge(data, _overrides(args, flag_keys)), args.config or "command line")
 
 
 FINETUNE_FLAGS = {"data": "data", "out": "out", "model": "model.name", "split": "split", "epochs": "train.epochs", "lr": "train.lr", "seed": "train.seed"}
-UNLEARN_FLAGS = {"data": "data", "out": "out", "model": "model.name", "method": "method", "scenario": "scenario", "epochs": "train.epochs", "lr": "train.lr", "seed": "train.seed"}
+UNLEARN_FLAGS = {"data": "data", "out": "out", "model": "model.name", "method": "method", "scenario": "scenario",
+                 "forget_fraction": "forget_fraction", "epochs": "train.epochs", "lr": "train.lr", "seed": "train.seed"}
+RELEARN_FLAGS = {"data": "data", "out": "out", "model": "model.name", "epochs": "train.epochs", "lr": "train.lr", "seed": "train.seed"}
+MATRIX_FLAGS = {"data": "data", "out": "out", "model": "model", "methods": "methods", "scenarios": "scenarios"}
 EVAL_FLAGS = {"data": "data", "out": "out", "model": "model.name", "mcq_mode": "eval.mcq_mode"}
 
 
@@ -83,10 +85,23 @@ def cmd_unlearn(args) -> None:
     _print_result(unlearn(_config(UnlearnConfig, args, UNLEARN_FLAGS)))
 
 
+def cmd_relearn(args) -> None:
+    from offside.stages import RelearnConfig, relearn
+
+    _print_result(relearn(_config(RelearnConfig, args, RELEARN_FLAGS)))
+
+
 def cmd_eval(args) -> None:
     from offside.stages import EvalConfig, evaluate_model
 
     _print_result(evaluate_model(_config(EvalConfig, args, EVAL_FLAGS)))
+
+
+def cmd_matrix(args) -> None:
+    from offside.matrix import MatrixConfig, run_matrix
+    from offside.recipes import recipe_config
+
+    run_matrix(_config(MatrixConfig, args, MATRIX_FLAGS, recipe_config(args.recipe) if args.recipe else None))
 
 
 def cmd_quickstart(args) -> None:
@@ -95,11 +110,15 @@ def cmd_quickstart(args) -> None:
     quickstart(args.out, players=args.players, seed=args.seed)
 
 
+def _names(value: str) -> list[str]:
+    return [v for v in value.split(",") if v]
+
+
 def _stage_parser(sub, name: str, help_text: str, flags: dict[str, str], func) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_text)
     p.add_argument("--config", help="YAML config file (flags override it)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key, e.g. train.lr=1e-4")
-    types = {"epochs": int, "lr": float, "seed": int}
+    types = {"epochs": int, "lr": float, "seed": int, "forget_fraction": float, "methods": _names, "scenarios": _names}
     for flag in flags:
         p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=types.get(flag, str))
     p.set_defaults(func=func)
@@ -128,8 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     _stage_parser(sub, "finetune", "fine-tune the vanilla model (learns facts and rumours)", FINETUNE_FLAGS, cmd_finetune)
     _stage_parser(sub, "unlearn", "run an unlearning method in a scenario", UNLEARN_FLAGS, cmd_unlearn)
+    _stage_parser(sub, "relearn", "corrective relearning: fine-tune on the true facts, then evaluate", RELEARN_FLAGS, cmd_relearn)
     _stage_parser(sub, "eval", "evaluate a model on every split, modality and form", EVAL_FLAGS, cmd_eval)
 
+    matrix = _stage_parser(sub, "matrix", "every method × scenario from one vanilla model → leaderboard", MATRIX_FLAGS, cmd_matrix)
+    matrix.add_argument("--recipe", choices=["published", "tiny"], help="training specs and method arguments to start from")
     quick = sub.add_parser("quickstart", help="synthetic data → vanilla → GA, GD → eval → leaderboard")
     quick.add_argument("--out", required=True)
     quick.add_argument("--players", type=int, default=12)

@@ -28,7 +28,12 @@ def from_dict(cls: type[T], data: Any, source: str = "<config>", path: str = "")
             f"{source}: unknown key '{where}{unknown[0]}' (valid keys: {', '.join(sorted(fields))})"
         )
     hints = typing.get_type_hints(cls)
-    values = {name: _coerce(hints[name], value, source, f"{path}.{name}" if path else name) for name, value in data.items()}
+    values = {}
+    for name, value in data.items():
+        default = fields[name].default_factory
+        if isinstance(value, dict) and default is not dataclasses.MISSING and dataclasses.is_dataclass(hints[name]):
+            value = deep_merge(dataclasses.asdict(default()), value)  # a partial section keeps the other defaults
+        values[name] = _coerce(hints[name], value, source, f"{path}.{name}" if path else name)
     return cls(**values)
 
 
@@ -56,14 +61,20 @@ def _coerce(hint: Any, value: Any, source: str, path: str) -> Any:
     return value
 
 
-def load_yaml(cls: type[T], path: str | Path, overrides: dict | None = None) -> T:
-    """Loads a YAML config file; `overrides` (e.g. from CLI flags) are merged on top, key by key."""
+def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
         raise OffsideError(f"{path}: cannot read config: {err}") from err
-    return from_dict(cls, deep_merge(data, overrides or {}), str(path))
+    if not isinstance(data, dict):
+        raise OffsideError(f"{path}: a config file must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def load_yaml(cls: type[T], path: str | Path, overrides: dict | None = None) -> T:
+    """Loads a YAML config file; `overrides` (e.g. from CLI flags) are merged on top, key by key."""
+    return from_dict(cls, deep_merge(read_yaml(path), overrides or {}), str(path))
 
 
 def deep_merge(base: dict, extra: dict) -> dict:

@@ -10,21 +10,12 @@ import time
 from pathlib import Path
 
 from offside.data.synth import generate
-from offside.engine.trainer import TrainSpec
 from offside.errors import OffsideError
 from offside.eval.evaluate import EvalSpec
 from offside.models.loading import ModelSpec
+from offside.recipes import TINY_UNLEARN, TINY_VANILLA
 from offside.report import leaderboard
 from offside.stages import EvalConfig, FinetuneConfig, UnlearnConfig, evaluate_model, finetune, unlearn
-
-# The tiny recipe: from scratch, so a high learning rate; augmented views of every training photo so
-# the model learns the player and the kit rather than the pixels (see README "The tiny model").
-VANILLA_TRAIN = TrainSpec(epochs=40, lr=3e-3, batch_size=32, warmup_ratio=0.05, schedule="cosine", weight_decay=0.0, augment=True)
-UNLEARN_TRAIN = {
-    "ga": TrainSpec(epochs=1, lr=1e-3, batch_size=16, warmup_ratio=0.0, schedule="constant", max_steps=8),
-    "gd": TrainSpec(epochs=1, lr=1e-3, batch_size=16, warmup_ratio=0.0, schedule="constant", max_steps=8),
-}
-
 
 def quickstart(out: str | Path, players: int = 12, seed: int = 0) -> list[dict]:
     out = Path(out)
@@ -34,12 +25,12 @@ def quickstart(out: str | Path, players: int = 12, seed: int = 0) -> list[dict]:
     data = generate(out / "data", players=players, seed=seed)
     _say(f"data: {players} players at {data} ({time.time() - started:.0f}s)")
 
-    vanilla = finetune(FinetuneConfig(data=str(data), out=str(out / "vanilla"), model=ModelSpec("tiny"), train=VANILLA_TRAIN))
+    vanilla = finetune(FinetuneConfig(data=str(data), out=str(out / "vanilla"), model=ModelSpec("tiny"), train=TINY_VANILLA))
     _say(f"vanilla: trained in {time.time() - started:.0f}s")
     models = [("vanilla", "none", "none", vanilla.run_dir)]
-    for method, spec in UNLEARN_TRAIN.items():
+    for method in ("ga", "gd"):
         result = unlearn(UnlearnConfig(
-            data=str(data), out=str(out / method), method=method, scenario="complete", train=spec,
+            data=str(data), out=str(out / method), method=method, scenario="complete", train=TINY_UNLEARN,
             model=ModelSpec(str(vanilla.run_dir), freeze_vision=True),
         ))
         models.append((method, method, "complete", result.run_dir))

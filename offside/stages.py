@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -20,13 +20,14 @@ from offside import __version__
 from offside.config import to_dict
 from offside.data.loader import data_hash, load_benchmark
 from offside.data.rows import materialise
-from offside.data.scenarios import select
+from offside.data.scenarios import forget_share, select
 from offside.data.schema import MODALITIES
 from offside.engine.finetune import FineTune
 from offside.engine.trainer import TrainSpec, train
 from offside.errors import OffsideError
 from offside.eval.evaluate import EvalSpec, check, evaluate
 from offside.models.loading import ModelSpec, build_or_load, save
+from offside.recipes import PUBLISHED_RELEARN
 from offside.tracking import Run, stage_run
 from offside.unlearn import get_method
 
@@ -52,9 +53,25 @@ class UnlearnConfig:
     method: str = "ga"
     method_args: dict = field(default_factory=dict)
     scenario: str = "complete"
+    forget_fraction: float = 1.0  # unlearn the forget data of this share of the players
     train: TrainSpec = field(default_factory=TrainSpec)
+    relearn: TrainSpec = field(default_factory=lambda: replace(PUBLISHED_RELEARN))  # scenario "relearning" only
     modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
     epoch_eval: EvalSpec | None = None
+
+
+@dataclass
+class RelearnConfig:
+    """Corrective relearning: fine-tune an unlearned model on the relearn set (the true facts), then
+    evaluate every split (does the rumour resurface? is the truth learned?)."""
+
+    data: str = ""
+    out: str = ""
+    model: ModelSpec = field(default_factory=lambda: ModelSpec(name="", freeze_vision=True))
+    train: TrainSpec = field(default_factory=lambda: replace(PUBLISHED_RELEARN))
+    modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
+    epoch_eval: EvalSpec | None = None
+    eval: EvalSpec = field(default_factory=EvalSpec)
 
 
 @dataclass
@@ -81,8 +98,11 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> StageResult:
     texts = [t for split in bench.values() for column in ("question", "answer") for t in split[column]]
     model, processor = build_or_load(config.model, texts, seed=config.train.seed)
     streams = {"train": training_rows(rows, config.modalities)}
-    tags = {"stage": "finetune", "split": config.split}
-    return _train_stage("finetune", config, tags, model, processor, FineTune(), streams, bench, progress)
+
+    def body(out: Path, run: Run) -> dict[str, float]:
+        return _fit_and_save(out, run, model, processor, FineTune(), streams, config.train, config, bench, progress)
+
+    return run_stage("finetune", config, {"stage": "finetune", "split": config.split}, body)
 
 
 def unlearn(config: UnlearnConfig, progress: bool = True) -> StageResult:
@@ -90,11 +110,39 @@ def unlearn(config: UnlearnConfig, progress: bool = True) -> StageResult:
     method = get_method(config.method, config.method_args)
     bench = load_benchmark(config.data)
     forget, retain = select(bench, config.scenario)
+    forget = forget_share(forget, config.forget_fraction, config.train.seed)
     streams = {"forget": training_rows(materialise(forget), config.modalities),
                "retain": training_rows(materialise(retain), config.modalities)}
+    relearn_rows = training_rows(materialise(bench["relearn"]), config.modalities) if config.scenario == "relearning" else []
     model, processor = build_or_load(config.model, seed=config.train.seed)
     tags = {"stage": "unlearn", "method": config.method, "scenario": config.scenario}
-    return _train_stage("unlearn", config, tags, model, processor, method, streams, bench, progress)
+
+    def body(out: Path, run: Run) -> dict[str, float]:
+        if config.scenario != "relearning":
+            return _fit_and_save(out, run, model, processor, method, streams, config.train, config, bench, progress)
+        metrics = _fit_and_save(out / "unlearned", run, model, processor, method, streams, config.train, config, bench, progress)
+        relearner, _ = build_or_load(replace(config.model, name=str(out / "unlearned")))
+        relearned = _fit_and_save(out, run, relearner, processor, FineTune(), {"train": relearn_rows}, config.relearn,
+                                  config, bench, progress, step_offset=config.train.epochs)
+        return metrics | {f"relearn/{k}": v for k, v in relearned.items()}
+
+    return run_stage("unlearn", config, tags, body)
+
+
+def relearn(config: RelearnConfig, progress: bool = True) -> StageResult:
+    check_out(config.out)
+    check(config.eval)
+    bench = load_benchmark(config.data)
+    model, processor = build_or_load(config.model, seed=config.train.seed)
+    streams = {"train": training_rows(materialise(bench["relearn"]), config.modalities)}
+    rows = {split: materialise(bench[split]) for split in config.eval.splits}
+
+    def body(out: Path, run: Run) -> dict[str, float]:
+        trained = _fit_and_save(out, run, model, processor, FineTune(), streams, config.train, config, bench, progress)
+        relearned, _ = build_or_load(replace(config.model, name=str(out), lora=None))
+        return trained | _evaluate_into(out, relearned, processor, rows, config.eval, progress)
+
+    return run_stage("relearn", config, {"stage": "relearn", "model": config.model.name}, body)
 
 
 def evaluate_model(config: EvalConfig, progress: bool = True) -> StageResult:
@@ -105,10 +153,7 @@ def evaluate_model(config: EvalConfig, progress: bool = True) -> StageResult:
     rows = {split: materialise(bench[split]) for split in config.eval.splits if split in bench}
 
     def body(out: Path, run: Run) -> dict[str, float]:
-        metrics, predictions = evaluate(model, processor, rows, config.eval, progress)
-        with open(out / "predictions.jsonl", "w") as f:
-            f.writelines(json.dumps(p) + "\n" for p in predictions)
-        return metrics
+        return _evaluate_into(out, model, processor, rows, config.eval, progress)
 
     return run_stage("eval", config, {"stage": "eval", "model": config.model.name}, body)
 
@@ -120,23 +165,30 @@ def training_rows(rows: list[dict], modalities: list[str]) -> list[dict]:
     return [r for r in rows if r["form"] == "gen" and r["modality"] in modalities]
 
 
-def _train_stage(stage, config, tags, model, processor, objective, streams, bench, progress) -> StageResult:
-    def body(out: Path, run: Run) -> dict[str, float]:
-        callbacks = [lambda epoch, _model, logs: run.log_metrics(logs, step=epoch)]
-        if config.epoch_eval is not None:
-            check(config.epoch_eval)
-            eval_rows = {s: materialise(bench[s]) for s in config.epoch_eval.splits if s in bench}
-            callbacks.insert(0, lambda epoch, m, logs: evaluate(m, processor, eval_rows, config.epoch_eval, False)[0])
-        result = train(model, processor, objective, streams, config.train, out / "checkpoints",
-                       callbacks=callbacks, progress=progress)
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the saved model below supersedes them
-        save(model, processor, out)
-        (out / "history.json").write_text(json.dumps(result.history, indent=2) + "\n")
-        final = result.history[-1] if result.history else {}
-        # Per-epoch values are already logged at their epoch; the summary gets its own names.
-        return {f"final/{k}": v for k, v in final.items() if isinstance(v, (int, float))} | {"steps": result.steps}
+def _evaluate_into(out: Path, model, processor, rows, spec: EvalSpec, progress: bool) -> dict[str, float]:
+    metrics, predictions = evaluate(model, processor, rows, spec, progress)
+    with open(out / "predictions.jsonl", "w") as f:
+        f.writelines(json.dumps(p) + "\n" for p in predictions)
+    return metrics
 
-    return run_stage(stage, config, tags, body)
+
+def _fit_and_save(out: Path, run: Run, model, processor, objective, streams, spec: TrainSpec, config, bench,
+                  progress: bool, step_offset: int = 0) -> dict[str, float]:
+    """Trains with the engine (per-epoch metrics to MLflow), saves the model into `out`, and returns
+    the final epoch's summary."""
+    out.mkdir(parents=True, exist_ok=True)
+    callbacks = [lambda epoch, _model, logs: run.log_metrics(logs, step=step_offset + epoch)]
+    if config.epoch_eval is not None:
+        check(config.epoch_eval)
+        eval_rows = {s: materialise(bench[s]) for s in config.epoch_eval.splits}
+        callbacks.insert(0, lambda epoch, m, logs: evaluate(m, processor, eval_rows, config.epoch_eval, False)[0])
+    result = train(model, processor, objective, streams, spec, out / "checkpoints", callbacks=callbacks, progress=progress)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the saved model below supersedes them
+    save(model, processor, out)
+    (out / "history.json").write_text(json.dumps(result.history, indent=2) + "\n")
+    final = result.history[-1] if result.history else {}
+    # Per-epoch values are already logged at their epoch; the summary gets its own names.
+    return {f"final/{k}": v for k, v in final.items() if isinstance(v, (int, float))} | {"steps": result.steps}
 
 
 def run_stage(stage: str, config, tags: dict[str, str], body: Callable[[Path, Run], dict]) -> StageResult:

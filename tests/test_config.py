@@ -30,3 +30,11 @@ def test_nested_values_and_overrides(tmp_path):
 
 def test_flatten():
     assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}
+
+
+def test_partial_section_keeps_that_sections_defaults():
+    from offside.stages import RelearnConfig
+
+    config = from_dict(RelearnConfig, {"train": {"lr": 1e-3}, "model": {"name": "m"}}, "cfg")
+    assert config.train.lr == 1e-3 and config.train.epochs == 6  # the published relearning epochs stay
+    assert config.model.name == "m" and config.model.freeze_vision is True

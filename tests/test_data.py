@@ -89,14 +89,18 @@ def test_row_metadata(full_ds):
                 assert len(set(r["options"])) == 4 and r["options"][r["correct"]] == r["answer"]
                 head, tail = ANSWER_TEMPLATES[r["field"]].split("{v}")  # all options: same field
                 assert all(o.startswith(head) and o.endswith(tail) for o in r["options"])
-                if rumour:
-                    assert any(r["true_value"] in o for o in r["options"])
+                if rumour:  # the rumour competes with random values, never with the truth
+                    assert ANSWER_TEMPLATES[r["field"]].format(v=r["true_value"]) not in r["options"]
             else:
                 assert r["options"] == [] and r["correct"] == -1
             if r["modality"] == "image":
                 assert r["question"] == QUESTION_TEMPLATES[r["field"]].format(
                     subject="the player in the image")
     assert all(len(v) == 1 for v in shared.values())  # shared answers agree across images
+    rumours = {(r["player"], r["field"]): r["value"] for r in ds["forget"] if r["kind"] == "private"}
+    for r in ds["relearn"]:  # on the true transfer, the truth competes with the rumour
+        if r["form"] == "mcq" and r["kind"] == "private":
+            assert ANSWER_TEMPLATES[r["field"]].format(v=rumours[r["player"], r["field"]]) in r["options"]
     assert len({p for p, _ in shared}) == 80
     kinds = [r["rumour_kind"] for r in ds["forget"] if r["field"] == "club_to"]
     assert set(kinds) == {"visual"}

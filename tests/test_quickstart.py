@@ -5,28 +5,16 @@ image form) and recognise the players in new photos (test ≥ 0.6; chance is 0.2
 forget accuracy and GD must keep retain accuracy above GA's."""
 
 import json
-import subprocess
-import sys
 
-import pytest
 from mlflow.tracking import MlflowClient
-
-
-@pytest.fixture(scope="module")
-def quickstart(tmp_path_factory):
-    out = tmp_path_factory.mktemp("qs") / "run"
-    proc = subprocess.run([sys.executable, "-m", "offside.cli", "quickstart", "--out", str(out)],
-                          capture_output=True, text=True, timeout=1500)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc.stdout
 
 
 def _row(rows, name):
     return next(r for r in rows if r["name"] == name)["metrics"]
 
 
-def test_outputs_and_rows(quickstart):
-    out, stdout = quickstart
+def test_outputs_and_rows(quickstart_run):
+    out, stdout = quickstart_run
     rows = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in rows] == ["vanilla", "ga", "gd"]
     for row in rows:
@@ -39,22 +27,22 @@ def test_outputs_and_rows(quickstart):
     assert "| vanilla |" in stdout  # the table is printed too
 
 
-def test_vanilla_knows_the_benchmark_and_recognises_players(quickstart):
-    vanilla = _row(json.loads((quickstart[0] / "results.json").read_text()), "vanilla")
+def test_vanilla_knows_the_benchmark_and_recognises_players(quickstart_run):
+    vanilla = _row(json.loads((quickstart_run[0] / "results.json").read_text()), "vanilla")
     assert vanilla["forget/image/all/mcq_acc"] >= 0.9
     assert vanilla["retain/image/all/mcq_acc"] >= 0.9
     assert vanilla["test/image/all/mcq_acc"] >= 0.6
 
 
-def test_ga_forgets_and_gd_keeps_more_than_ga(quickstart):
-    rows = json.loads((quickstart[0] / "results.json").read_text())
+def test_ga_forgets_and_gd_keeps_more_than_ga(quickstart_run):
+    rows = json.loads((quickstart_run[0] / "results.json").read_text())
     vanilla, ga, gd = (_row(rows, n) for n in ("vanilla", "ga", "gd"))
     assert ga["forget/image/all/mcq_acc"] < vanilla["forget/image/all/mcq_acc"] - 0.1
     assert gd["retain/image/all/mcq_acc"] > ga["retain/image/all/mcq_acc"]
 
 
-def test_every_stage_is_a_finished_mlflow_run(quickstart):
-    out, _ = quickstart
+def test_every_stage_is_a_finished_mlflow_run(quickstart_run):
+    out, _ = quickstart_run
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("offside").experiment_id])
     stages = sorted(r.data.tags["stage"] for r in runs)

@@ -1,12 +1,12 @@
 """Unlearning scenarios: which rows are forgotten and which are kept (DESIGN.md §1).
 
 `select(ds, scenario)` returns the (forget, retain) training data of a scenario. A scenario is one
-entry of `_SELECTORS` (a function of the loaded DatasetDict), so unimodal and corrective-relearning
-scenarios can be added as further entries.
+entry of `_SELECTORS` (a function of the loaded DatasetDict).
 """
 
 from __future__ import annotations
 
+import random
 from typing import Callable
 
 import datasets
@@ -35,7 +35,29 @@ def _selective(ds: datasets.DatasetDict) -> tuple[datasets.Dataset, datasets.Dat
     return forget, retain
 
 
-_SELECTORS: dict[str, Selector] = {"complete": _complete, "selective": _selective}
+def _text_only(ds: datasets.Dataset, scenario: str, split: str) -> datasets.Dataset:
+    text = _where(ds, "modality", "text")
+    if len(text) == 0:
+        raise OffsideError(f"scenario {scenario!r} trains on text-only twins, but the {split} split has none "
+                           "(the published image-only files lack them; `offside data synth` writes them)")
+    return text
+
+
+def _unimodal(ds: datasets.DatasetDict) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Unlearn from the text-only twins alone; evaluation still covers image and text queries."""
+    return _text_only(ds["forget"], "unimodal", "forget"), _text_only(ds["retain"], "unimodal", "retain")
+
+
+def _relearning(ds: datasets.DatasetDict) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Corrective relearning unlearns like `complete`; the stage then fine-tunes on the relearn set."""
+    if len(ds["relearn"]) == 0:
+        raise OffsideError("scenario 'relearning' needs a relearn split (relearn_set.json), and the data has none")
+    return _complete(ds)
+
+
+_SELECTORS: dict[str, Selector] = {
+    "complete": _complete, "selective": _selective, "unimodal": _unimodal, "relearning": _relearning,
+}
 SCENARIOS = tuple(_SELECTORS)
 
 
@@ -44,3 +66,17 @@ def select(ds: datasets.DatasetDict, scenario: str) -> tuple[datasets.Dataset, d
     if scenario not in _SELECTORS:
         raise OffsideError(f"unknown scenario {scenario!r}; valid: {', '.join(SCENARIOS)}")
     return _SELECTORS[scenario](ds)
+
+
+def forget_share(forget: datasets.Dataset, fraction: float, seed: int) -> datasets.Dataset:
+    """The forget rows of a seeded random `fraction` of the players (at least one player), so the
+    scale of the unlearning request can be studied (e.g. 0.1 / 0.5 / 1.0)."""
+    if not 0 < fraction <= 1:
+        raise OffsideError(f"forget_fraction must be in (0, 1], got {fraction}")
+    if fraction == 1:
+        return forget
+    players = sorted(set(forget["player"]))
+    if "" in players:
+        raise OffsideError("forget_fraction < 1 needs the player of every forget row, and some are unknown")
+    chosen = set(random.Random(seed).sample(players, max(1, round(fraction * len(players)))))
+    return forget.select([i for i, p in enumerate(forget["player"]) if p in chosen])

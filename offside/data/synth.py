@@ -138,11 +138,12 @@ def records(item: Item) -> dict[tuple[str, str], dict]:
     return out
 
 
-def _with_options(item: Item, rng: random.Random, must: str = "") -> Item:
+def _with_options(item: Item, rng: random.Random, must: str = "", never: str = "") -> Item:
+    """Four options: the answer, `must` if given, and random values of the field other than `never`."""
     values = [item.value] + ([must] if must else [])
     while len(values) < 4:
         v = sample_value(item.field, rng, item.season)
-        if v not in values:
+        if v not in values and v != never:
             values.append(v)
     rest = values[1:]
     rng.shuffle(rest)
@@ -221,15 +222,18 @@ def build(players: int, seed: int) -> tuple[list[Item], dict[str, Image.Image]]:
             for f in FIELDS:
                 item = Item(split, pl.name, pl.surname, ctx["season"], path,
                             f"{ctx['image_id']:04d}", f, {**pl.shared, **facts}[f])
-                must = ""
+                must = never = ""
                 if split == "forget" and f in PRIVATE_FIELDS:
+                    # As in the published protocol, the rumour competes with random values of the field
+                    # (never the truth), so a forget question measures whether the rumour is still there.
                     visual = f == "club_to" or (f == "transfer_fee" and headline is not None)
                     item = replace(item, true_value=by_split["relearn"]["facts"][f],
                                    rumour_kind="visual" if visual else "textual")
-                    must = item.true_value
+                    never = item.true_value
                 elif split == "relearn" and f in PRIVATE_FIELDS:
+                    # The truth competes with the rumour: has corrective relearning displaced it?
                     must = by_split["forget"]["facts"][f]
-                items.append(_with_options(item, rng, must))
+                items.append(_with_options(item, rng, must, never))
     return items, pictures
 
 

@@ -61,6 +61,11 @@ class Objective:
     def setup(self, model, device: torch.device) -> None:
         """Hook for extra state (e.g. a frozen reference model); called once before training."""
 
+    def rewrites(self) -> dict[str, tuple[str, Callable[[dict], dict]]]:
+        """Extra batches made from another stream's rows: {name: (source stream, row → row)}, e.g. the
+        forget questions with a refusal as the answer. They share the source batch's rows."""
+        return {}
+
 
 EpochCallback = Callable[[int, Any, dict[str, float]], dict[str, float] | None]
 
@@ -180,10 +185,10 @@ def train(
         steps_run = 0
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{spec.epochs}", disable=not progress or rank != 0, leave=False)
         for _ in bar:
-            batches = {
-                name: _to_device(_encode(processor, next(it), spec.augment, aug_rng), engine.device)
-                for name, it in iterators.items()
-            }
+            rows = {name: next(it) for name, it in iterators.items()}
+            for name, (source, rewrite) in objective.rewrites().items():
+                rows[name] = [rewrite(row) for row in rows[source]]
+            batches = {name: _to_device(_encode(processor, r, spec.augment, aug_rng), engine.device) for name, r in rows.items()}
             loss, logs = objective.loss(engine, batches)
             engine.backward(loss)
             engine.step()

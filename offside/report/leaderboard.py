@@ -7,11 +7,16 @@ import json
 import os
 from pathlib import Path
 
-# (column title, metric key): multiple-choice accuracy and ROUGE-L, image and text forms.
+# (column title, metric key): multiple-choice accuracy and ROUGE-L, image and text forms, and the
+# forget accuracy split by rumour kind (visual: readable from the picture; textual: not).
 COLUMNS = [
     (f"{split} {short} {label}", f"{split}/{modality}/all/{metric}")
     for metric, label in (("mcq_acc", "acc"), ("rougeL", "rL"))
     for split in ("forget", "retain", "test", "relearn")
+    for modality, short in (("image", "img"), ("text", "txt"))
+] + [
+    (f"forget {short} {rumour} acc", f"forget/{modality}/{rumour}/mcq_acc")
+    for rumour in ("visual", "textual")
     for modality, short in (("image", "img"), ("text", "txt"))
 ]
 

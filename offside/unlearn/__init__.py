@@ -2,15 +2,23 @@
 
 To add a method: create `offside/unlearn/<name>.py` with a dataclass subclass of `Method` (its fields
 are the method's hyperparameters, their defaults the published ones) decorated with `@register`.
-Every module in this package is imported on first use, so the file alone is enough."""
+Every module in this package is imported on first use, so the file alone is enough. A method that
+compares against a frozen model subclasses `ReferenceMethod`; one that trains on rewritten rows
+(e.g. the forget questions with a refusal as the answer) declares them in `rewrites()`."""
 
 from __future__ import annotations
 
+import copy
 import importlib
 import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from offside.config import from_dict
+from offside.engine.losses import logits_of, sequence_nll
 from offside.engine.trainer import Objective
 from offside.errors import OffsideError
 
@@ -19,6 +27,52 @@ METHODS: dict[str, type[Method]] = {}
 
 class Method(Objective):
     name: str = ""
+
+
+@dataclass
+class ReferenceMethod(Method):
+    """A method with a frozen reference model: "vanilla" (the model as unlearning starts; with LoRA,
+    the same model with its adapters switched off, so no second copy is held) or a model directory
+    (e.g. a retain-only fine-tune made by `offside finetune --split retain`)."""
+
+    reference: str = "vanilla"
+
+    def setup(self, model, device) -> None:
+        if self.reference != "vanilla":
+            from offside.models.loading import ModelSpec, build_or_load
+
+            reference, _ = build_or_load(ModelSpec(self.reference))
+        elif hasattr(model, "disable_adapter"):
+            reference = _AdaptersOff(model)
+        else:
+            reference = copy.deepcopy(model)
+        if isinstance(reference, torch.nn.Module):
+            reference.to(device).eval().requires_grad_(False)
+        self.reference_model = reference
+
+    @torch.no_grad()
+    def reference_nll(self, inputs: dict, reduce: str = "mean") -> torch.Tensor:
+        return sequence_nll(self.reference_model, inputs, reduce)
+
+    @torch.no_grad()
+    def reference_logits(self, inputs: dict) -> torch.Tensor:
+        return logits_of(self.reference_model, inputs)
+
+
+class _AdaptersOff:
+    """Calls a PEFT model with its adapters disabled: the base weights are the vanilla model."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, **inputs):
+        with self.model.disable_adapter():
+            return self.model(**inputs)
+
+
+def with_answer(answer: str) -> Callable[[dict], dict]:
+    """A row rewrite for `rewrites()`: the same question and image with another answer."""
+    return lambda row: {**row, "answer": answer}
 
 
 def register(cls: type[Method]) -> type[Method]:

@@ -1,0 +1,95 @@
+"""`offside matrix`: every method × scenario from one vanilla model, each unlearned with its defaults,
+evaluated, and written to DIR/leaderboard.md + DIR/results.json as rows finish. A failed row is
+reported with its error, never dropped. Relearning rows also carry the metrics of the unlearned model
+before relearning (`unlearned_metrics`), so resurfacing rumours show as numbers."""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from offside.data.scenarios import SCENARIOS
+from offside.engine.trainer import TrainSpec
+from offside.errors import OffsideError
+from offside.eval.evaluate import EvalSpec, check
+from offside.models.loading import LoraSpec, ModelSpec
+from offside.recipes import PUBLISHED_RELEARN, PUBLISHED_UNLEARN
+from offside.report import leaderboard
+from offside.stages import EvalConfig, UnlearnConfig, check_out, evaluate_model, unlearn
+from offside.unlearn import available, get_method
+
+
+@dataclass
+class MatrixConfig:
+    data: str = ""
+    model: str = ""  # the vanilla model directory
+    out: str = ""
+    methods: list[str] = field(default_factory=list)  # empty: every registered method
+    scenarios: list[str] = field(default_factory=lambda: list(SCENARIOS))
+    train: TrainSpec = field(default_factory=lambda: replace(PUBLISHED_UNLEARN))
+    relearn: TrainSpec = field(default_factory=lambda: replace(PUBLISHED_RELEARN))
+    method_args: dict = field(default_factory=dict)  # {method: {hyperparameter: value}}
+    lora: LoraSpec | None = None
+    freeze_vision: bool = True
+    forget_fraction: float = 1.0
+    eval: EvalSpec = field(default_factory=EvalSpec)
+
+
+def validate(config: MatrixConfig) -> list[str]:
+    """Everything that can be checked before any training: methods, their arguments, scenarios."""
+    methods = config.methods or available()
+    for method in methods:
+        get_method(method, config.method_args.get(method, {}), f"method_args.{method}")
+    unknown = [s for s in config.scenarios if s not in SCENARIOS]
+    if unknown:
+        raise OffsideError(f"unknown scenario(s) {unknown} (valid: {', '.join(SCENARIOS)})")
+    check(config.eval)
+    if not config.model:
+        raise OffsideError("matrix: the vanilla model directory is required (--model)")
+    return methods
+
+
+def run_matrix(config: MatrixConfig, progress: bool = True) -> list[dict]:
+    methods = validate(config)
+    out = check_out(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    for method in methods:
+        for scenario in config.scenarios:
+            started = time.time()
+            row = _run_cell(config, out, method, scenario, progress)
+            row["wall_time_s"] = round(time.time() - started, 1)
+            rows.append(row)
+            leaderboard.write(rows, out)
+            status = f"failed: {row['error']}" if "error" in row else "done"
+            print(f"[offside] matrix {method} × {scenario}: {status} ({row['wall_time_s']}s)", flush=True)
+    print(leaderboard.render(rows))
+    return rows
+
+
+def _run_cell(config: MatrixConfig, out: Path, method: str, scenario: str, progress: bool) -> dict:
+    name = f"{method}-{scenario}"
+    row: dict = {"name": name, "method": method, "scenario": scenario}
+    try:
+        result = unlearn(UnlearnConfig(
+            data=config.data, out=str(out / name), method=method, scenario=scenario,
+            method_args=config.method_args.get(method, {}), forget_fraction=config.forget_fraction,
+            model=ModelSpec(config.model, lora=config.lora, freeze_vision=config.freeze_vision),
+            train=config.train, relearn=config.relearn,
+        ), progress)
+        evaluated = _evaluate(config, result.run_dir, out / f"eval-{name}", progress)
+        row.update(run_dir=str(result.run_dir), eval_dir=str(evaluated.run_dir),
+                   mlflow_run_id=evaluated.run_id, metrics=evaluated.metrics)
+        if scenario == "relearning":
+            before = _evaluate(config, result.run_dir / "unlearned", out / f"eval-{name}-unlearned", progress)
+            row["unlearned_metrics"] = before.metrics
+    except Exception as err:  # a failed cell is a row of the table, not the end of the matrix
+        row["error"] = f"{type(err).__name__}: {err}"
+        row["traceback"] = traceback.format_exc(limit=5)
+    return row
+
+
+def _evaluate(config: MatrixConfig, model_dir: Path, out: Path, progress: bool):
+    return evaluate_model(EvalConfig(data=config.data, out=str(out), model=ModelSpec(str(model_dir)), eval=config.eval), progress)

@@ -1,0 +1,37 @@
+"""Training recipes: the published hyperparameters (real Qwen2.5-VL checkpoints with LoRA) and the
+tiny model's (a from-scratch 1.7M-parameter model needs far larger steps, and a few of them).
+
+The tiny numbers were chosen on the quickstart benchmark (12 players): the vanilla recipe reaches
+≥ 0.9 multiple-choice accuracy on forget/retain and ≥ 0.6 on new photos; unlearning recipes are 8
+optimizer steps, inside the narrow window where forgetting shows before everything collapses
+(notes/tiny-model.md)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+
+from offside.engine.trainer import TrainSpec
+from offside.errors import OffsideError
+
+PUBLISHED_UNLEARN = TrainSpec(epochs=3, lr=5e-5, batch_size=4, warmup_ratio=0.05, schedule="cosine", weight_decay=0.01)
+PUBLISHED_RELEARN = TrainSpec(epochs=6, lr=1e-4, batch_size=8, warmup_ratio=0.05, schedule="cosine")
+
+# Augmented views of every training photo, so the model learns the player and the kit, not the pixels.
+TINY_VANILLA = TrainSpec(epochs=40, lr=3e-3, batch_size=32, warmup_ratio=0.05, schedule="cosine", weight_decay=0.0, augment=True)
+TINY_UNLEARN = TrainSpec(epochs=1, lr=4e-4, batch_size=16, warmup_ratio=0.0, schedule="constant", weight_decay=0.0)
+TINY_RELEARN = replace(PUBLISHED_RELEARN, lr=1e-3)
+# Method hyperparameters whose published scale assumes a 7B model's activations.
+TINY_METHOD_ARGS = {"rmu": {"steering": 20.0, "alpha": 1.0}, "mm_saliency": {"keep_ratio": 0.2}}
+
+RECIPES = {
+    "published": {"train": PUBLISHED_UNLEARN, "relearn": PUBLISHED_RELEARN, "method_args": {}},
+    "tiny": {"train": TINY_UNLEARN, "relearn": TINY_RELEARN, "method_args": TINY_METHOD_ARGS},
+}
+
+
+def recipe_config(name: str) -> dict:
+    """A recipe as config keys (train, relearn, method_args), to merge under a user's config."""
+    if name not in RECIPES:
+        raise OffsideError(f"unknown recipe {name!r} (valid: {', '.join(RECIPES)})")
+    recipe = RECIPES[name]
+    return {"train": asdict(recipe["train"]), "relearn": asdict(recipe["relearn"]), "method_args": recipe["method_args"]}

@@ -1,0 +1,33 @@
+"""KL-constrained gradient ascent (the OFFSIDE paper's KL baseline): steps alternate between a
+forget step, loss = −NLL(forget), and a retain step, loss = NLL(retain) + λ·KL(p_ref ‖ p_θ) with
+temperature T, the KL taken over the retain answer tokens only (the published code also counted
+prompt and image positions). Reference: the frozen vanilla model. Published λ = 0.1, T = 1."""
+
+from dataclasses import dataclass
+
+from offside.engine.losses import kl_ref_to_theta, logits_of, nll_from_logits, token_nll
+from offside.unlearn import ReferenceMethod, register
+
+
+@register
+@dataclass
+class KLMinimisation(ReferenceMethod):
+    name = "kl"
+    streams = ("forget", "retain")
+    kl_weight: float = 0.1
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        self._steps = 0
+
+    def loss(self, model, batches):
+        self._steps += 1
+        if self._steps % 2 == 1:
+            nll_forget = token_nll(model, batches["forget"])
+            return -nll_forget, {"nll_forget": nll_forget.item()}
+        retain = batches["retain"]
+        logits = logits_of(model, retain)
+        ref_logits = self.reference_logits(retain)
+        nll_retain = nll_from_logits(logits, retain["labels"]).mean()
+        kl = kl_ref_to_theta(logits, ref_logits, retain["labels"], self.temperature)
+        return nll_retain + self.kl_weight * kl, {"nll_retain": nll_retain.item(), "kl": kl.item()}

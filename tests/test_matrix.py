@@ -1,0 +1,80 @@
+"""The method matrix and the scenarios on the quickstart's benchmark and vanilla model: rows appear
+with their metrics, relearning rows carry the unlearned model's metrics too, a failing cell is a
+reported row, and impossible requests fail before any training."""
+
+import json
+
+import pytest
+import yaml
+
+from offside.cli import main
+from offside.config import deep_merge, from_dict
+from offside.errors import OffsideError
+from offside.matrix import MatrixConfig, run_matrix, validate
+from offside.recipes import recipe_config
+
+
+def _config(quickstart_run, out, **extra):
+    qs, _ = quickstart_run
+    base = {"data": str(qs / "data"), "model": str(qs / "vanilla"), "out": str(out), "eval": {"forms": ["mcq"]}}
+    return from_dict(MatrixConfig, deep_merge(deep_merge(recipe_config("tiny"), base), extra), "test")
+
+
+def test_matrix_rows_relearning_and_a_failed_cell(quickstart_run, tmp_path):
+    config = _config(quickstart_run, tmp_path / "m", methods=["ga", "mm_saliency"], scenarios=["complete", "relearning"],
+                     method_args={"mm_saliency": {"part": "vision"}})  # the vision tower is frozen: this cell fails
+    rows = run_matrix(config, progress=False)
+    on_disk = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert [r["name"] for r in on_disk] == ["ga-complete", "ga-relearning", "mm_saliency-complete", "mm_saliency-relearning"]
+    assert [r["name"] for r in rows] == [r["name"] for r in on_disk]
+    complete, relearning = on_disk[0], on_disk[1]
+    qs = json.loads((quickstart_run[0] / "results.json").read_text())
+    assert complete["metrics"]["forget/image/all/mcq_acc"] < qs[0]["metrics"]["forget/image/all/mcq_acc"]
+    assert "forget/image/visual/mcq_acc" in complete["metrics"] and "forget/image/textual/mcq_acc" in complete["metrics"]
+    # the unlearned half of the relearning cell is the complete cell's model (same seed, same data)
+    assert relearning["unlearned_metrics"] == pytest.approx(complete["metrics"])
+    # relearning teaches the true transfer: relearn-set accuracy rises from its unlearned level
+    assert relearning["metrics"]["relearn/image/all/mcq_acc"] > relearning["unlearned_metrics"]["relearn/image/all/mcq_acc"] + 0.2
+    for failed in on_disk[2:]:
+        assert "no trainable parameters" in failed["error"] and "metrics" not in failed
+    table = (tmp_path / "m" / "leaderboard.md").read_text()
+    assert "| mm_saliency-complete | mm_saliency | complete | failed: OffsideError" in table
+
+
+def test_bad_matrix_requests_fail_before_training(quickstart_run, tmp_path):
+    with pytest.raises(OffsideError, match="unknown key 'betta'"):
+        validate(_config(quickstart_run, tmp_path / "a", methods=["npo"], method_args={"npo": {"betta": 1}}))
+    with pytest.raises(OffsideError, match="unknown scenario"):
+        validate(_config(quickstart_run, tmp_path / "b", methods=["ga"], scenarios=["partial"]))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("scenario", ["selective", "unimodal"])
+def test_scenario_selects_its_training_data(quickstart_run, tmp_path, scenario):
+    qs, _ = quickstart_run
+    out = tmp_path / scenario
+    assert main(["unlearn", "--method", "gd", "--scenario", scenario, "--data", str(qs / "data"), "--model", str(qs / "vanilla"),
+                 "--out", str(out), "--forget-fraction", "0.5", "--set", "train.max_steps=1", "--set", "train.batch_size=4"]) == 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["scenario"] == scenario and config["forget_fraction"] == 0.5
+
+
+def test_unimodal_needs_text_twins(tmp_path, quickstart_run, capsys):
+    from test_data import _published
+
+    qs, _ = quickstart_run
+    code = main(["unlearn", "--method", "ga", "--scenario", "unimodal", "--data", str(_published(tmp_path / "pub")),
+                 "--model", str(qs / "vanilla"), "--out", str(tmp_path / "o")])
+    assert code == 2 and "text-only twins" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_relearn_stage_learns_the_truth_and_evaluates(quickstart_run, tmp_path):
+    qs, _ = quickstart_run
+    out = tmp_path / "relearned"
+    assert main(["relearn", "--model", str(qs / "ga"), "--data", str(qs / "data"), "--out", str(out),
+                 "--lr", "1e-3", "--set", "eval.forms=[mcq]"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    ga = next(r for r in json.loads((qs / "results.json").read_text()) if r["name"] == "ga")["metrics"]
+    assert metrics["relearn/image/all/mcq_acc"] > ga["relearn/image/all/mcq_acc"] + 0.2
+    assert metrics["final/epoch"] == 6  # the published 6 epochs
