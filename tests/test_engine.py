@@ -118,3 +118,15 @@ def test_registry():
         get_method("nope")
     with pytest.raises(OffsideError, match="forget_wieght"):
         get_method("gd", {"forget_wieght": 1.0})
+
+
+def test_augmented_views_keep_size_and_follow_the_seed():
+    import random
+
+    from offside.models.processor import augment
+
+    photo = Image.effect_mandelbrot((112, 112), (-2, -1.5, 1, 1.5), 50).convert("RGB")
+    views = [augment(photo, random.Random(seed)) for seed in range(8)]
+    assert all(v.size == photo.size for v in views)
+    assert any(v.tobytes() != photo.tobytes() for v in views) and any(v is photo for v in views)
+    assert augment(photo, random.Random(3)).tobytes() == views[3].tobytes()

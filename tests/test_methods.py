@@ -200,7 +200,7 @@ def test_short_run_raises_forget_nll(vanilla, method):
     before = _forget_nll(model, processor, rows["forget"])
     train(model, processor, get_method(method, args), {"forget": rows["forget"], "retain": rows["retain"]},
           TrainSpec(epochs=1, lr=1e-3, batch_size=8, max_steps=6, warmup_ratio=0.0, schedule="constant"), progress=False)
-    assert _forget_nll(model, processor, rows["forget"]) > before + 0.05
+    assert _forget_nll(model, processor, rows["forget"]) > 1.25 * before  # six steps: forget NLL up ≥ 25 %
 
 
 def test_saliency_mask_updates_only_the_chosen_part(vanilla):

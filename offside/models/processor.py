@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass
 
 import torch
-from PIL import Image, ImageEnhance
+from PIL import Image
 from transformers import PreTrainedTokenizerBase
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -32,16 +32,17 @@ class Encoded:
 
 
 def augment(image: Image.Image, rng: random.Random) -> Image.Image:
-    """A random view of the same photo: crop-and-zoom, shift, brightness. Used in training only, so the
-    model learns the player and the kit rather than the exact pixels."""
+    """A random view of the same photo (half the time the photo itself): crop-and-zoom, shift, mirror.
+    Used in training only, so the model learns the player and the kit rather than the exact pixels;
+    colours are left alone, since they carry the player's identity."""
+    if rng.random() < 0.5:
+        return image
     width, height = image.size
-    scale = rng.uniform(0.9, 1.0)
+    scale = rng.uniform(0.85, 1.0)
     crop_w, crop_h = int(width * scale), int(height * scale)
     left, top = rng.randint(0, width - crop_w), rng.randint(0, height - crop_h)
     view = image.crop((left, top, left + crop_w, top + crop_h)).resize((width, height))
-    if rng.random() < 0.5:
-        view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return ImageEnhance.Brightness(view).enhance(rng.uniform(0.9, 1.1))
+    return view.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else view
 
 
 class Processor:
