@@ -6,6 +6,7 @@ reaches any config key. Bad input exits 2 with one line naming the problem."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -125,6 +126,11 @@ def _stage_parser(sub, name: str, help_text: str, flags: dict[str, str], func) -
     return p
 
 
+# Commands that run on Ray live outside the library (offside/ never imports ray). Each module
+# adds its subcommands with `add_commands(sub)` and imports ray only inside the command functions.
+COMMAND_PACKAGES = ("tune_jobs.cli", "serve.cli", "cluster.cli")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="offside", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -157,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--players", type=int, default=12)
     quick.add_argument("--seed", type=int, default=0)
     quick.set_defaults(func=cmd_quickstart)
+
+    for module in COMMAND_PACKAGES:
+        importlib.import_module(module).add_commands(sub)
     return parser
 
 
