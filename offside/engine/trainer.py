@@ -11,6 +11,7 @@ Ray Train that has already initialised torch.distributed; each rank takes its sh
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -26,6 +27,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from offside.config import deep_merge
 from offside.errors import OffsideError
 from offside.models.processor import Processor, augment
 
@@ -48,6 +50,7 @@ class TrainSpec:
     augment: bool = False  # random crop/flip/brightness of training images
     max_steps: int | None = None  # stop after this many optimizer steps (all epochs together)
     keep_checkpoints: int = 1
+    deepspeed: str | None = None  # JSON of extra DeepSpeed settings merged over the engine's (e.g. cluster/deepspeed/zero3.json)
 
 
 class Objective:
@@ -216,7 +219,7 @@ def _ds_config(spec: TrainSpec, model) -> dict:
     bf16 = next(model.parameters()).dtype == torch.bfloat16
     if spec.zero_stage not in (0, 1, 2, 3):
         raise OffsideError(f"train.zero_stage must be 0..3, got {spec.zero_stage}")
-    return {
+    config = {
         "train_micro_batch_size_per_gpu": spec.batch_size,
         "gradient_accumulation_steps": spec.grad_accum,
         "gradient_clipping": spec.max_grad_norm,
@@ -226,6 +229,34 @@ def _ds_config(spec: TrainSpec, model) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    return _with_deepspeed_file(config, spec.deepspeed) if spec.deepspeed else config
+
+
+# DeepSpeed keys the engine sets from the stage config; a DeepSpeed file may repeat them, not change them.
+ENGINE_DS_KEYS = {"train_micro_batch_size_per_gpu": "train.batch_size", "gradient_accumulation_steps": "train.grad_accum",
+                  "gradient_clipping": "train.max_grad_norm", "zero_optimization.stage": "train.zero_stage",
+                  "bf16.enabled": "model.dtype"}
+
+
+def _with_deepspeed_file(config: dict, path: str) -> dict:
+    try:
+        extra = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise OffsideError(f"train.deepspeed: cannot read DeepSpeed config {path}: {err}") from err
+    if not isinstance(extra, dict):
+        raise OffsideError(f"train.deepspeed: {path} must hold a JSON object")
+    for dotted, owner in ENGINE_DS_KEYS.items():
+        mine, theirs = _lookup(config, dotted), _lookup(extra, dotted)
+        if theirs is not None and theirs != mine:
+            raise OffsideError(f"train.deepspeed: {path} sets {dotted}={theirs!r} but the engine sets {mine!r} from {owner}; change {owner} instead")
+    return deep_merge(config, extra)
+
+
+def _lookup(config: dict, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def _encode(processor: Processor, rows: list[dict], do_augment: bool, rng: random.Random) -> dict:
