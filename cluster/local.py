@@ -165,7 +165,7 @@ class LocalCluster:
         self.stop()
 
 
-def _end_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
+def _end_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
     try:
         os.killpg(proc.pid, signal.SIGTERM)
     except ProcessLookupError:
