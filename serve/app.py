@@ -1,0 +1,215 @@
+"""The OFFSIDE probe application on Ray Serve: an HTTP ingress (FastAPI: auth, input checks, the
+OpenAI-compatible and probe routes) in front of a probe deployment that multiplexes the registered
+models (LRU, `max_models_per_replica`) and answers batches of requests with dynamic batching.
+
+`build(args)` is the app builder `serve run serve/config.yaml` calls with the YAML's `args:`."""
+
+
+import asyncio
+import hmac
+import time
+import uuid
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve.inputs import (
+    IMAGE_ID, ApiError, ChatRequest, ProbeRequest, chat_prompt, check_max_tokens, check_model,
+    check_options, check_text, decode_image,
+)
+from serve.runner import Job, ModelPool
+from serve.settings import ServeSettings, load_settings, read_token, registry, settings_dict
+
+api = FastAPI(
+    title="OFFSIDE probe",
+    description="Probe and attack unlearned vision-language models. Every route but /healthz needs "
+                "`Authorization: Bearer <token>` when the server has a token.",
+)
+bearer = HTTPBearer(auto_error=False)
+
+
+def authorised(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+    """A dependency, so it runs before the body is validated: without the token nothing is revealed.
+    The token is set on the app by the ingress replica (an app without it fails closed)."""
+    token = request.app.state.token
+    if token is None:
+        return
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise ApiError(401, "missing bearer token (Authorization: Bearer <token>)", "authentication_error")
+    if not hmac.compare_digest(credentials.credentials.encode(), token.encode()):
+        raise ApiError(401, "invalid bearer token", "authentication_error")
+
+
+def _error(status: int, message: str, kind: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(_request, err: ApiError):
+    return _error(err.status, err.message, err.kind)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(_request, err: RequestValidationError):
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+    return _error(400, f"{where}: {first.get('msg', 'invalid')}", "invalid_request_error")
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http(_request, err: StarletteHTTPException):
+    return _error(err.status_code, str(err.detail), "invalid_request_error")
+
+
+@api.exception_handler(Exception)
+async def _unexpected(_request, err: Exception):
+    return _error(500, f"internal error ({type(err).__name__})", "server_error")
+
+
+@serve.deployment(max_ongoing_requests=256)
+class Probe:
+    """Loads each base once per replica; adapters and full models come and go through the LRU cache."""
+
+    def __init__(self, settings: dict):
+        import torch
+
+        self.settings = load_settings(settings)
+        torch.set_num_threads(self.settings.torch_threads)
+        self.pool = ModelPool(registry(self.settings))
+        # A plain function, not a bound method: Serve keeps the cache as an attribute of what it wraps.
+        self.get_model = serve.multiplexed(max_num_models_per_replica=self.settings.max_models_per_replica)(self._loader())
+        batch_size = self.settings.max_batch_size if self.settings.batching else 1
+        self.answer_batch.set_max_batch_size(batch_size)
+        self.answer_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+        self.lock = asyncio.Lock()  # one batch uses the models at a time (loads may evict)
+        self.loads = 0
+
+    def _loader(self):
+        async def load(model_id: str):
+            self.loads += 1
+            return await asyncio.to_thread(self.pool.load, model_id)
+
+        return load
+
+    async def answer(self, job: Job) -> dict:
+        return await self.answer_batch(job)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def answer_batch(self, jobs: list[Job]) -> list[dict]:
+        async with self.lock:
+            results: list[dict] = [{}] * len(jobs)
+            names = list(dict.fromkeys(j.model for j in jobs))
+            capacity = self.settings.max_models_per_replica
+            # Load at most `capacity` distinct models per pass: each load may evict the least recently
+            # used model, never one loaded in the same pass.
+            for start in range(0, len(names), capacity):
+                chunk = set(names[start:start + capacity])
+                loaded = {name: await self.get_model(name) for name in chunk}
+                picked = [i for i, j in enumerate(jobs) if j.model in chunk]
+                answers = await asyncio.to_thread(self.pool.run, [jobs[i] for i in picked], loaded)
+                for i, answer in zip(picked, answers):
+                    results[i] = answer
+            return results
+
+    async def stats(self) -> dict:
+        return {"loads": self.loads}
+
+
+@serve.deployment(max_ongoing_requests=512)
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, probe: DeploymentHandle, settings: dict):
+        self.probe = probe
+        self.settings: ServeSettings = load_settings(settings)
+        self.limits = self.settings.limits
+        self.models = registry(self.settings)
+        api.state.token = read_token(self.settings.token_file)
+        self._bench = None
+
+    async def _ask(self, job: Job) -> dict:
+        return await self.probe.options(multiplexed_model_id=job.model).answer.remote(job)
+
+    def _benchmark(self):
+        """(images by image id, forget rows by id) of the configured benchmark, loaded on first use."""
+        if self.settings.data is None:
+            raise ApiError(400, "this server has no benchmark (`data` in its config): send the image itself")
+        if self._bench is None:
+            from offside.data.loader import load_benchmark
+            from offside.data.rows import materialise
+
+            bench = load_benchmark(self.settings.data)
+            rows = {split: materialise(bench[split]) for split in bench}
+            images = {r["image_id"]: r["image"] for split in rows.values() for r in split if r.get("image") is not None}
+            self._bench = (images, {r["id"]: r for r in rows.get("forget", [])})
+        return self._bench
+
+    def _image(self, body: ProbeRequest):
+        if body.image is not None and body.image_id is not None:
+            raise ApiError(400, "give either image or image_id, not both")
+        if body.image is not None:
+            return decode_image(body.image, self.limits)
+        if body.image_id is None:
+            return None
+        if not IMAGE_ID.match(body.image_id):
+            raise ApiError(400, "image_id: 1–128 letters, digits, '.', '_' or '-'")
+        images, _ = self._benchmark()
+        if body.image_id not in images:
+            raise ApiError(404, f"image_id {body.image_id!r} is not in the benchmark", "not_found")
+        return images[body.image_id]
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok", "models": len(self.models)}
+
+    @api.get("/v1/models")
+    async def list_models(self, _auth=Depends(authorised)) -> dict:
+        data = [{"id": e.name, "object": "model", "owned_by": "offside", "kind": "adapter" if e.base else "full"}
+                for e in self.models.values()]
+        return {"object": "list", "data": data}
+
+    @api.post("/v1/probe")
+    async def probe(self, body: ProbeRequest, _auth=Depends(authorised)) -> dict:
+        """One question (+ image or benchmark image id) → the answer; with `options`, the per-option
+        log-likelihoods and the chosen option (as `offside eval` scores multiple choice)."""
+        model = check_model(body.model, self.models)
+        question = check_text(body.question, "question", self.limits.max_prompt_chars)
+        options = check_options(body.options, self.limits) if body.options is not None else None
+        max_tokens = check_max_tokens(body.max_tokens, self.settings.max_new_tokens, self.limits)
+        result = await self._ask(Job(model, question, self._image(body), options, max_tokens))
+        if options is None:
+            return {"model": model, "answer": result["answer"]}
+        return {"model": model, "answer": options[result["choice"]], "choice": result["choice"],
+                "options": [{"text": o, "loglik": s} for o, s in zip(options, result["logliks"])]}
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, body: ChatRequest, _auth=Depends(authorised)) -> dict:
+        """OpenAI-compatible: one user message, text and at most one `image_url` (data URL)."""
+        model = check_model(body.model, self.models)
+        if body.stream:
+            raise ApiError(400, "stream: streaming is not supported")
+        if body.n not in (None, 1):
+            raise ApiError(400, "n: only one choice is supported")
+        question, image = chat_prompt(body.messages, self.limits)
+        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        max_tokens = check_max_tokens(requested, self.settings.max_new_tokens, self.limits)
+        result = await self._ask(Job(model, question, image, None, max_tokens))
+        usage = {"prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"]}
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": result["answer"]},
+                         "finish_reason": "length" if result["completion_tokens"] >= max_tokens else "stop"}],
+            "usage": usage | {"total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]},
+        }
+
+
+def build(args: dict) -> serve.Application:
+    """App builder for `serve run serve/config.yaml` (and `offside serve`): args as in ServeSettings."""
+    settings = load_settings(args)
+    plain = settings_dict(settings)
+    probe = Probe.options(num_replicas=settings.num_replicas, ray_actor_options={"num_cpus": settings.replica_cpus})
+    return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(probe.bind(plain), plain)

@@ -1,0 +1,145 @@
+"""Models in one replica and the batched model calls. No Ray here.
+
+Each base model is loaded once; adapters of that base are attached to one shared PEFT model and a
+batch may mix them in one forward pass (`adapter_names`, one per row). Full-weight models are their
+own group. Answers come from `offside.eval.scoring` — the code `offside eval` runs — so a probe
+answers exactly as the evaluation scores."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from offside.eval.scoring import generate, option_logliks
+from offside.models.loading import ModelSpec, build_or_load
+from serve.settings import ModelEntry
+
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+
+
+@dataclass
+class Job:
+    """One question for one model: `options` → multiple choice (log-likelihoods), else generation."""
+
+    model: str
+    question: str
+    image: object = None  # PIL image or None
+    options: list[str] | None = None
+    max_tokens: int = 32
+
+
+class _Base:
+    """A base model shared by its adapters."""
+
+    def __init__(self, path: str):
+        self.model, self.processor = build_or_load(ModelSpec(name=path))
+        self.model.eval()
+        self.peft = None  # PeftModel once the first adapter arrives
+
+    def attach(self, adapter_name: str, adapter_dir: str) -> None:
+        from peft import PeftModel
+
+        if self.peft is None:
+            self.peft = PeftModel.from_pretrained(self.model, adapter_dir, adapter_name=adapter_name)
+        else:
+            self.peft.load_adapter(adapter_dir, adapter_name=adapter_name)
+        # After every adapter was deleted PEFT keeps a stale active name; point it at a live one.
+        self.peft.set_adapter(adapter_name)
+        self.peft.eval()
+
+    def detach(self, adapter_name: str) -> None:
+        if self.peft is not None and adapter_name in self.peft.peft_config:
+            self.peft.delete_adapter(adapter_name)
+
+
+class LoadedModel:
+    """What the multiplexed cache holds. Eviction calls `__del__`, which detaches the adapter."""
+
+    def __init__(self, entry: ModelEntry, base: _Base | None = None, adapter_name: str | None = None):
+        self.entry, self.base, self.adapter_name = entry, base, adapter_name
+        self.model, self.processor = (None, base.processor) if base else build_or_load(ModelSpec(name=entry.path))
+        if self.model is not None:
+            self.model.eval()
+
+    def __del__(self):
+        if self.base is not None and self.adapter_name is not None:
+            self.base.detach(self.adapter_name)
+            self.adapter_name = None
+
+
+class _Mixed:
+    """A PEFT model seen by the scoring functions as one model whose rows each use their own adapter.
+    Row counts that are a multiple of the adapter list (options repeated per row) repeat the names."""
+
+    def __init__(self, peft, names: list[str]):
+        self.peft, self.names = peft, names
+
+    def _names(self, inputs: dict) -> list[str]:
+        repeat = inputs["input_ids"].shape[0] // len(self.names)
+        return [n for n in self.names for _ in range(repeat)]
+
+    def __call__(self, **inputs):
+        return self.peft(**inputs, adapter_names=self._names(inputs))
+
+    def generate(self, **inputs):
+        return self.peft.generate(**inputs, adapter_names=self._names(inputs))
+
+    def parameters(self):
+        return self.peft.parameters()
+
+    def get_base_model(self):
+        return self.peft.base_model.model
+
+
+class ModelPool:
+    def __init__(self, entries: dict[str, ModelEntry]):
+        self.entries = entries
+        self.bases: dict[str, _Base] = {}
+        self._adapter_ids = {name: f"adapter_{i}" for i, name in enumerate(sorted(entries))}  # PEFT-safe names
+
+    def load(self, name: str) -> LoadedModel:
+        entry = self.entries[name]
+        if entry.base is None:
+            return LoadedModel(entry)
+        base = self.bases.get(entry.base) or self.bases.setdefault(entry.base, _Base(entry.base))
+        adapter_name = self._adapter_ids[name]
+        base.attach(adapter_name, entry.path)
+        return LoadedModel(entry, base, adapter_name)
+
+    @torch.no_grad()
+    def run(self, jobs: list[Job], loaded: dict[str, LoadedModel]) -> list[dict]:
+        """Answers in job order; `loaded` holds every job's model (kept alive by the caller)."""
+        results: list[dict | None] = [None] * len(jobs)
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, job in enumerate(jobs):
+            model = loaded[job.model]
+            owner = id(model.base) if model.base else id(model)
+            groups[(owner, len(job.options) if job.options else 0, job.max_tokens)].append(i)
+        for indices in groups.values():
+            group = [jobs[i] for i in indices]
+            runner, processor = _runner([loaded[j.model] for j in group])
+            for i, result in zip(indices, _answer(runner, processor, group)):
+                results[i] = result
+        return results
+
+
+def _runner(models: list[LoadedModel]):
+    first = models[0]
+    if first.base is None:
+        return first.model, first.processor
+    return _Mixed(first.base.peft, [m.adapter_name for m in models]), first.processor
+
+
+def _answer(runner, processor, jobs: list[Job]) -> list[dict]:
+    if jobs[0].options:
+        rows = [{"question": j.question, "image": j.image, "options": j.options} for j in jobs]
+        scores = option_logliks(runner, processor, rows, batch_size=len(rows))
+        return [{"logliks": s, "choice": max(range(len(s)), key=s.__getitem__)} for s in scores]
+    answers = generate(runner, processor, [j.question for j in jobs], [j.image for j in jobs],
+                       batch_size=len(jobs), max_new_tokens=jobs[0].max_tokens)
+    return [{"answer": a, "completion_tokens": len(processor.tokenizer(a, add_special_tokens=False)["input_ids"]),
+             "prompt_tokens": len(processor.tokenizer(processor.prompt(j.question, j.image is not None),
+                                                      add_special_tokens=False)["input_ids"])}
+            for a, j in zip(answers, jobs)]

@@ -1,0 +1,107 @@
+"""The probe app's settings (the `args:` of `serve/config.yaml`, or `offside serve` flags), the model
+registry they name, and the API token. No Ray here: the builder and the replicas both use it.
+
+A registered model is a name → a saved model directory (a full model, as every stage writes) or a
+PEFT adapter directory (`adapter_config.json`; its base is the adapter's `base_model_name_or_path`
+unless `base:` names it). Requests name models only by their registered name, never by path."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from offside.config import from_dict
+from offside.errors import OffsideError
+
+TOKEN_ENV = "OFFSIDE_API_TOKEN"
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 12_000_000
+    max_image_bytes: int = 8_000_000  # decoded image file
+    max_image_pixels: int = 4096 * 4096  # checked from the header, before decoding (decompression bombs)
+    max_prompt_chars: int = 4000
+    max_tokens: int = 256
+    max_options: int = 8
+    max_option_chars: int = 500
+    max_messages: int = 16
+
+
+@dataclass
+class ServeSettings:
+    models: dict = field(default_factory=dict)  # name → directory, or {path: DIR, base: DIR}
+    data: str | None = None  # benchmark directory: enables `image_id` in requests
+    token_file: str | None = None  # secret file with the bearer token ($OFFSIDE_API_TOKEN wins)
+    max_models_per_replica: int = 4  # LRU capacity of the multiplexed model cache
+    batching: bool = True
+    max_batch_size: int = 32
+    batch_wait_timeout_s: float = 0.01
+    num_replicas: int = 1
+    replica_cpus: float = 1.0
+    torch_threads: int = 1
+    max_new_tokens: int = 32  # default `max_tokens` (what `offside eval` generates)
+    limits: Limits = field(default_factory=Limits)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    path: str  # the model directory (full) or the adapter directory
+    base: str | None  # None: a full model; else the base model directory of an adapter
+
+
+def load_settings(args: dict | None, source: str = "serve args") -> ServeSettings:
+    settings = from_dict(ServeSettings, args or {}, source)
+    if not settings.models:
+        raise OffsideError(f"{source}: 'models' must register at least one model (name: directory)")
+    if settings.max_models_per_replica < 1 or settings.max_batch_size < 1 or settings.num_replicas < 1:
+        raise OffsideError(f"{source}: max_models_per_replica, max_batch_size and num_replicas must be ≥ 1")
+    if settings.token_file and not Path(settings.token_file).is_file():
+        raise OffsideError(f"{source}: token_file {settings.token_file!r} does not exist")
+    if settings.data and not Path(settings.data).is_dir():
+        raise OffsideError(f"{source}: data {settings.data!r} is not a directory")
+    registry(settings)
+    return settings
+
+
+def settings_dict(settings: ServeSettings) -> dict:
+    return asdict(settings)
+
+
+def registry(settings: ServeSettings) -> dict[str, ModelEntry]:
+    """name → ModelEntry with absolute paths; fails naming the bad entry."""
+    return {name: _entry(name, value) for name, value in settings.models.items()}
+
+
+def _entry(name: str, value) -> ModelEntry:
+    where = f"models.{name}"
+    if not isinstance(name, str) or not NAME.match(name):
+        raise OffsideError(f"{where}: a model name is 1–64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    if isinstance(value, str):
+        value = {"path": value}
+    if not isinstance(value, dict) or set(value) - {"path", "base"} or not isinstance(value.get("path"), str):
+        raise OffsideError(f"{where}: expected a directory or a mapping {{path: DIR, base: DIR}}")
+    path = Path(value["path"]).expanduser().resolve()
+    if (path / "adapter_config.json").is_file():
+        base = value.get("base") or json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base or not (Path(base) / "config.json").is_file():
+            raise OffsideError(f"{where}: adapter {path} needs its base model directory (set base:), got {base!r}")
+        return ModelEntry(name, str(path), str(Path(base).resolve()))
+    if not (path / "config.json").is_file():
+        raise OffsideError(f"{where}: {path} is neither a model directory (config.json) nor an adapter (adapter_config.json)")
+    return ModelEntry(name, str(path), None)
+
+
+def read_token(token_file: str | None) -> str | None:
+    """The bearer token every route but /healthz requires, or None (auth off)."""
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if not token and token_file:
+        token = Path(token_file).read_text().strip()
+        if not token:
+            raise OffsideError(f"token_file {token_file}: is empty")
+    return token or None

@@ -1,0 +1,299 @@
+"""The probe app on a real local Ray Serve (HTTP on a free loopback port), one app for the module:
+a tiny base model, two LoRA adapters of it with different (random, non-zero) weights, and the base
+as a full-weight model; LRU capacity 2 so three models force evictions."""
+
+import base64
+import io
+import json
+import os
+import socket
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+import yaml
+from PIL import Image
+
+from offside.data.loader import load_benchmark
+from offside.data.rows import materialise
+from offside.data.synth import generate as synth
+from offside.errors import OffsideError
+from offside.models.loading import ModelSpec, build_or_load, save
+from offside.stages import EvalConfig, evaluate_model
+from offside.eval.evaluate import EvalSpec
+from serve.settings import TOKEN_ENV, load_settings, read_token
+
+TOKEN = "s3cret-token"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _adapter(base: Path, out: Path, seed: int) -> None:
+    """A LoRA adapter with random (non-zero) weights: a model genuinely different from its base."""
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = build_or_load(ModelSpec(str(base)))
+    torch.manual_seed(seed)
+    config = LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(out)
+
+
+def _merged(base: Path, adapter: Path, out: Path) -> None:
+    from peft import PeftModel
+
+    model, processor = build_or_load(ModelSpec(str(base)))
+    out.mkdir()
+    save(PeftModel.from_pretrained(model, str(adapter)), processor, out)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    data = Path(synth(str(root / "data"), players=4, seed=0))
+    bench = load_benchmark(data)
+    texts = [t for split in bench.values() for column in ("question", "answer") for t in split[column]]
+    model, processor = build_or_load(ModelSpec("tiny"), texts, seed=0)
+    (root / "base").mkdir()
+    save(model, processor, root / "base")
+    for name, seed in (("a1", 1), ("a2", 2)):
+        _adapter(root / "base", root / name, seed)
+        _merged(root / "base", root / name, root / f"{name}-merged")
+    (root / "token").write_text(TOKEN + "\n")
+    return root, data
+
+
+@pytest.fixture(scope="module")
+def server(models):
+    import ray
+    from ray import serve
+
+    from serve.app import build
+
+    root, data = models
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ.pop(TOKEN_ENV, None)
+    port = _free_port()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {"models": {"a1": str(root / "a1"), "a2": str(root / "a2"), "vanilla": str(root / "base")},
+            "data": str(data), "token_file": str(root / "token"), "max_models_per_replica": 2,
+            "max_new_tokens": 12}
+    serve.run(build(args), name="offside", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _post(url, path, body, token=TOKEN):
+    return requests.post(url + path, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=120)
+
+
+def _forget_item(data, form):
+    return next(r for r in materialise(load_benchmark(data)["forget"]) if r["modality"] == "image" and r["form"] == form)
+
+
+def _png(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _probe(url, model, row, **extra):
+    body = {"model": model, "question": row["question"], "image_id": row["image_id"], **extra}
+    if row["form"] == "mcq":
+        body["options"] = row["options"]
+    response = _post(url, "/v1/probe", body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_adapters_differ_and_match_offside_eval(server, models):
+    root, data = models
+    gen, mcq = _forget_item(data, "gen"), _forget_item(data, "mcq")
+    served = {name: (_probe(server, name, gen), _probe(server, name, mcq)) for name in ("a1", "a2")}
+    assert served["a1"][0]["answer"] != served["a2"][0]["answer"]
+    assert served["a1"][1]["options"] != served["a2"][1]["options"]
+    for name in ("a1", "a2"):
+        out = root / f"eval-{name}"
+        spec = EvalSpec(splits=["forget"], modalities=["image"], limit=4, max_new_tokens=12)
+        evaluate_model(EvalConfig(data=str(data), out=str(out), model=ModelSpec(str(root / f"{name}-merged")), eval=spec), progress=False)
+        predictions = {(p["id"], p["form"]): p["output"] for p in map(json.loads, (out / "predictions.jsonl").open())}
+        assert served[name][0]["answer"] == predictions[(gen["id"], "gen")]
+        assert served[name][1]["choice"] == predictions[(mcq["id"], "mcq")]
+
+
+def test_mixed_adapters_in_concurrent_batches_match_single_requests(server, models):
+    _, data = models
+    gen = _forget_item(data, "gen")
+    alone = {name: _probe(server, name, gen)["answer"] for name in ("a1", "a2")}
+    names = ["a1", "a2"] * 6
+    with ThreadPoolExecutor(len(names)) as pool:
+        answers = list(pool.map(lambda n: _probe(server, n, gen)["answer"], names))
+    assert answers == [alone[n] for n in names]
+
+
+def test_openai_schema_chat_completion_with_image(server, models):
+    _, data = models
+    row = _forget_item(data, "gen")
+    content = [{"type": "text", "text": row["question"]}, {"type": "image_url", "image_url": {"url": _png(row["image"])}}]
+    response = _post(server, "/v1/chat/completions", {"model": "a1", "messages": [{"role": "user", "content": content}], "max_tokens": 12})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "chat.completion" and body["model"] == "a1"
+    choice = body["choices"][0]
+    assert choice["message"]["role"] == "assistant" and choice["finish_reason"] in ("stop", "length")
+    assert choice["message"]["content"] == _probe(server, "a1", row)["answer"]  # data URL == benchmark image id
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"] > 0
+    listed = requests.get(server + "/v1/models", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).json()
+    assert {m["id"]: m["kind"] for m in listed["data"]} == {"a1": "adapter", "a2": "adapter", "vanilla": "full"}
+
+
+def test_auth_required_on_every_route_but_healthz(server):
+    body = {"model": "a1", "question": "Who is this?"}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}):
+        for response in (requests.post(server + "/v1/probe", json=body, headers=headers, timeout=30),
+                         requests.post(server + "/v1/chat/completions", json=body, headers=headers, timeout=30),
+                         requests.get(server + "/v1/models", headers=headers, timeout=30)):
+            assert response.status_code == 401, response.text
+            assert "token" in response.json()["error"]["message"]
+    assert requests.get(server + "/healthz", timeout=30).json()["status"] == "ok"
+
+
+def test_lru_eviction_and_reload_give_identical_answers(server, models):
+    from ray import serve
+
+    _, data = models
+    mcq = _forget_item(data, "mcq")
+    stats = serve.get_deployment_handle("Probe", app_name="offside").stats
+    first = _probe(server, "a1", mcq)
+    loads = stats.remote().result()["loads"]
+    _probe(server, "a2", mcq)  # cached by the earlier tests
+    _probe(server, "vanilla", mcq)  # capacity 2: evicts a1, the least recently used
+    again = _probe(server, "a1", mcq)
+    assert stats.remote().result()["loads"] == loads + 2  # a2 was cached; vanilla, then a1 again, were loaded
+    assert again == first
+
+
+def _png_header_bomb(width: int, height: int) -> str:
+    """A valid PNG header declaring a huge image over a tiny (zlib-compressed) body."""
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+    raw = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+    raw += chunk(b"IDAT", zlib.compress(b"\x00" * 100000)) + chunk(b"IEND", b"")
+    return base64.b64encode(raw).decode()
+
+
+def _hostile_requests():
+    """(method, path, json body or raw bytes) — every one must get a 4xx."""
+    ok_probe = {"model": "a1", "question": "Who is this?"}
+    ok_chat = {"model": "a1", "messages": [{"role": "user", "content": "Who is this?"}]}
+    cases = []
+    raw_bodies = [b"", b"{", b"}", b"[]", b"null", b"1", b'"x"', b"{'model': 'a1'}", b"\xff\xfe\x00", b'{"model": }',
+                  b'{"model": "a1", "question": "q"', b"[" * 5000, b'{"a":' * 3000, b"true", b"NaN"]
+    for path in ("/v1/probe", "/v1/chat/completions"):
+        cases += [("POST", path, raw) for raw in raw_bodies]
+    wrong = [1, 1.5, True, None, [], {}, ["a1"], {"a": 1}]
+    valid_int = {"max_tokens", "n"}  # 1 is a valid value there
+    for key in ("model", "question", "image", "image_id", "options", "max_tokens"):
+        cases += [("POST", "/v1/probe", ok_probe | {key: value}) for value in wrong
+                  if not (value is None and key in ("image", "image_id", "options", "max_tokens"))
+                  and not (key in valid_int and type(value) is int)]
+    for key in ("model", "messages", "max_tokens", "stream", "n"):
+        cases += [("POST", "/v1/chat/completions", ok_chat | {key: value}) for value in wrong
+                  if not (value is None and key in ("max_tokens", "stream", "n"))
+                  and not (key in valid_int and type(value) is int)]
+    names = ["nope", "../../etc/passwd", "/etc/passwd", str(REPO), "a1/../a2", "..", ".", "~", "C:\\models\\a1",
+             "models:/a1@prod", "runs:/123/model", "file:///etc/passwd", "a1\x00", "A1", " a1", "a" * 10000, "",
+             "%2e%2e%2f", "__base__", "adapter_0"]
+    cases += [("POST", "/v1/probe", ok_probe | {"model": n}) for n in names]
+    cases += [("POST", "/v1/chat/completions", ok_chat | {"model": n}) for n in names]
+    broken = ["not base64!!", "data:image/png;base64,@@@@", "QUJD", "data:image/png;base64,QUJDRA==", "====",
+              base64.b64encode(b"GIF89a garbage").decode(), base64.b64encode(b"\x89PNG\r\n\x1a\n truncated").decode(),
+              "data:text/html;base64,PGh0bWw+", "http://example.com/x.png", "file:///etc/passwd", "/etc/passwd"]
+    big_png = io.BytesIO()
+    Image.new("L", (5000, 5000)).save(big_png, format="PNG")  # ~25 MB of pixels in a few KB: a zip bomb
+    images = broken + [
+        _png_header_bomb(100000, 100000), _png_header_bomb(1, 10**8), base64.b64encode(big_png.getvalue()).decode(),
+        "A" * 12_000_000,  # over the image byte limit
+    ]
+    for image in images:
+        cases.append(("POST", "/v1/probe", ok_probe | {"image": image}))
+        content = [{"type": "text", "text": "q"}, {"type": "image_url", "image_url": {"url": image}}]
+        cases.append(("POST", "/v1/chat/completions", ok_chat | {"messages": [{"role": "user", "content": content}]}))
+    for value in (-1, 0, 10**6, 2**63, -(2**70), 257):
+        cases.append(("POST", "/v1/probe", ok_probe | {"max_tokens": value}))
+        cases.append(("POST", "/v1/chat/completions", ok_chat | {"max_tokens": value}))
+        cases.append(("POST", "/v1/chat/completions", ok_chat | {"max_completion_tokens": value}))
+    for question in ("", "   ", "x" * 4001, "x" * 200_000, "a\x00b"):
+        cases.append(("POST", "/v1/probe", ok_probe | {"question": question}))
+        cases.append(("POST", "/v1/chat/completions", ok_chat | {"messages": [{"role": "user", "content": question}]}))
+    cases += [("POST", "/v1/probe", ok_probe | {"options": opts}) for opts in
+              (["only one"], ["a"] * 9, ["a", ""], ["a", "x" * 501], [1, 2], [["a"], ["b"]])]
+    cases += [("POST", "/v1/probe", ok_probe | extra) for extra in (
+        {"image_id": "../../etc/passwd"}, {"image_id": "no-such-image"}, {"image_id": ""},
+        {"image_id": "x", "image": "QUJD"}, {"extra_field": 1}, {"question": None})]
+    chats = [[], [{"role": "system", "content": "hi"}, {"role": "user", "content": "q"}],
+             [{"role": "assistant", "content": "q"}], [{"role": "root", "content": "q"}], [{"role": "user"}],
+             [{"role": "user", "content": [{"type": "video", "text": "q"}]}],
+             [{"role": "user", "content": [{"type": "text"}]}], [{"role": "user", "content": [{"type": "image_url"}]}],
+             [{"role": "user", "content": "q"}] * 17, [{"role": "user", "content": 5}]]
+    cases += [("POST", "/v1/chat/completions", ok_chat | {"messages": m}) for m in chats]
+    cases += [("POST", "/v1/chat/completions", ok_chat | extra) for extra in ({"stream": True}, {"n": 2})]
+    cases += [("GET", "/v1/nothing", None), ("DELETE", "/v1/probe", None), ("GET", "/v1/probe", None),
+              ("PUT", "/v1/models", None), ("GET", "/../../etc/passwd", None)]
+    return cases
+
+
+def test_fuzz_every_hostile_request_gets_a_clear_4xx(server):
+    cases = _hostile_requests()
+    assert len(cases) >= 200
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    with requests.Session() as session:
+        for method, path, body in cases:
+            kwargs = {"data": body, "headers": headers | {"Content-Type": "application/json"}} if isinstance(body, bytes) \
+                else {"json": body, "headers": headers}
+            response = session.request(method, server + path, timeout=60, **kwargs)
+            shown = f"{method} {path} {str(body)[:120]!r}: {response.status_code} {response.text[:300]}"
+            assert 400 <= response.status_code < 500, shown
+            message = response.json()["error"]["message"]
+            assert message and "Traceback" not in response.text, shown
+    assert requests.get(server + "/healthz", timeout=30).json()["status"] == "ok"
+    assert _post(server, "/v1/probe", {"model": "a1", "question": "Who is this?", "max_tokens": 4}).status_code == 200
+
+
+def test_yaml_config_builds_the_app(models):
+    from ray.serve import Application
+
+    from serve.app import build
+
+    root, data = models
+    config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    (app,) = config["applications"]
+    assert app["import_path"] == "serve.app:build"
+    args = app["args"] | {"models": {"a1": str(root / "a1"), "vanilla": str(root / "base")}, "data": str(data)}
+    assert isinstance(build(args), Application)
+    with pytest.raises(OffsideError, match="models.a1"):
+        build(app["args"] | {"models": {"a1": str(root / "missing")}})
+    with pytest.raises(OffsideError, match="unknown key 'batchin'"):
+        build(app["args"] | {"batchin": True})
+
+
+def test_token_from_environment_wins_over_file(tmp_path, monkeypatch):
+    secret = tmp_path / "token"
+    secret.write_text("from-file\n")
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    assert read_token(None) is None
+    assert read_token(str(secret)) == "from-file"
+    monkeypatch.setenv(TOKEN_ENV, "from-env")
+    assert read_token(str(secret)) == "from-env"
+    with pytest.raises(OffsideError, match="token_file"):
+        load_settings({"models": {"x": str(tmp_path)}, "token_file": str(tmp_path / "nope")})
