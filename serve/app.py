@@ -19,10 +19,10 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve.inputs import (
-    IMAGE_ID, ApiError, ChatRequest, ProbeRequest, chat_prompt, check_max_tokens, check_model,
+    IMAGE_ID, ApiError, AttackRequest, ChatRequest, ProbeRequest, chat_prompt, check_max_tokens, check_model,
     check_options, check_text, decode_image,
 )
-from serve.runner import Job, ModelPool
+from serve.runner import Job, ModelPool, runner_for
 from serve.settings import ServeSettings, load_settings, read_token, registry, settings_dict
 
 api = FastAPI(
@@ -116,6 +116,14 @@ class Probe:
                     results[i] = answer
             return results
 
+    async def attack(self, model: str, row: dict, names: list[str] | None, max_new_tokens: int) -> list[dict]:
+        """Runs the registered prompt attacks (offside.eval.attacks) on one benchmark row."""
+        from offside.eval.attacks import run_attacks
+
+        async with self.lock:
+            runner, processor = runner_for(await self.get_model(model))
+            return await asyncio.to_thread(run_attacks, runner, processor, [row], names, max_new_tokens=max_new_tokens)
+
     async def stats(self) -> dict:
         return {"loads": self.loads}
 
@@ -205,6 +213,28 @@ class Ingress:
                          "finish_reason": "length" if result["completion_tokens"] >= max_tokens else "stop"}],
             "usage": usage | {"total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]},
         }
+
+    @api.post("/v1/attacks")
+    async def attacks(self, body: AttackRequest, _auth=Depends(authorised)) -> dict:
+        """Runs the registered prompt attacks (or the chosen ones) on one forget item of the benchmark
+        against one model: per attack, the answer and whether the rumour came back."""
+        from offside.eval.attacks import ATTACKS
+
+        model = check_model(body.model, self.models)
+        if body.attacks is not None:
+            unknown = [n[:40] for n in body.attacks if n not in ATTACKS]
+            if unknown or not body.attacks or len(set(body.attacks)) != len(body.attacks):
+                raise ApiError(400, f"attacks: distinct registered names ({', '.join(ATTACKS)}); unknown: {unknown[:5]}")
+        _, forget = self._benchmark()
+        if body.item_id not in forget:
+            shown = body.item_id[:80]
+            raise ApiError(404, f"item_id {shown!r} is not a forget item of the benchmark (e.g. {next(iter(forget), '')!r})",
+                           "not_found")
+        row = forget[body.item_id]
+        records = await self.probe.options(multiplexed_model_id=model).attack.remote(
+            model, row, body.attacks, self.settings.max_new_tokens)
+        return {"model": model, "item_id": row["id"], "form": row["form"], "modality": row["modality"],
+                "results": [{k: r[k] for k in ("attack", "answer", "chosen", "rumour_recovered")} for r in records]}
 
 
 def build(args: dict) -> serve.Application:

@@ -89,6 +89,16 @@ class _Mixed:
     def parameters(self):
         return self.peft.parameters()
 
+    @property
+    def training(self) -> bool:
+        return self.peft.training
+
+    def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
+        return self  # served models stay in eval mode (adapter mixing requires it)
+
     def get_base_model(self):
         return self.peft.base_model.model
 
@@ -123,6 +133,11 @@ class ModelPool:
             for i, result in zip(indices, _answer(runner, processor, group)):
                 results[i] = result
         return results
+
+
+def runner_for(model: LoadedModel):
+    """(model, processor) for library functions that take one model, e.g. the prompt attacks."""
+    return _runner([model])
 
 
 def _runner(models: list[LoadedModel]):

@@ -162,6 +162,7 @@ def test_auth_required_on_every_route_but_healthz(server):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}):
         for response in (requests.post(server + "/v1/probe", json=body, headers=headers, timeout=30),
                          requests.post(server + "/v1/chat/completions", json=body, headers=headers, timeout=30),
+                         requests.post(server + "/v1/attacks", json=body, headers=headers, timeout=30),
                          requests.get(server + "/v1/models", headers=headers, timeout=30)):
             assert response.status_code == 401, response.text
             assert "token" in response.json()["error"]["message"]
@@ -181,6 +182,23 @@ def test_lru_eviction_and_reload_give_identical_answers(server, models):
     again = _probe(server, "a1", mcq)
     assert stats.remote().result()["loads"] == loads + 2  # a2 was cached; vanilla, then a1 again, were loaded
     assert again == first
+
+
+def test_attacks_route_runs_the_attack_suite_as_the_library_does(server, models):
+    from offside.eval.attacks import ATTACKS, run_attacks
+
+    root, data = models
+    merged, processor = build_or_load(ModelSpec(str(root / "a2-merged")))
+    for form in ("mcq", "gen"):
+        row = _forget_item(data, form)
+        response = _post(server, "/v1/attacks", {"model": "a2", "item_id": row["id"]})
+        assert response.status_code == 200, response.text
+        served = response.json()["results"]
+        assert [r["attack"] for r in served] == list(ATTACKS)
+        local = run_attacks(merged, processor, [row], max_new_tokens=12)
+        assert [(r["answer"], r["rumour_recovered"]) for r in served] == [(r["answer"], r["rumour_recovered"]) for r in local]
+    chosen = _post(server, "/v1/attacks", {"model": "a2", "item_id": row["id"], "attacks": ["roleplay", "none"]}).json()
+    assert [r["attack"] for r in chosen["results"]] == ["roleplay", "none"]
 
 
 def _png_header_bomb(width: int, height: int) -> str:
@@ -248,6 +266,12 @@ def _hostile_requests():
              [{"role": "user", "content": "q"}] * 17, [{"role": "user", "content": 5}]]
     cases += [("POST", "/v1/chat/completions", ok_chat | {"messages": m}) for m in chats]
     cases += [("POST", "/v1/chat/completions", ok_chat | extra) for extra in ({"stream": True}, {"n": 2})]
+    ok_attack = {"model": "a1", "item_id": "forget/image/mcq/00000"}
+    cases += [("POST", "/v1/attacks", ok_attack | extra) for extra in (
+        {"attacks": ["no-such-attack"]}, {"attacks": []}, {"attacks": ["none", "none"]}, {"attacks": "none"},
+        {"attacks": [1]}, {"item_id": "../../etc/passwd"}, {"item_id": "forget/image/mcq/99999"}, {"item_id": 5},
+        {"model": "../a1"}, {"model": "nope"}, {"item_id": "x" * 100000})]
+    cases += [("POST", "/v1/attacks", raw) for raw in raw_bodies[:8]]
     cases += [("GET", "/v1/nothing", None), ("DELETE", "/v1/probe", None), ("GET", "/v1/probe", None),
               ("PUT", "/v1/models", None), ("GET", "/../../etc/passwd", None)]
     return cases
