@@ -23,6 +23,17 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 PATCH_MULTIPLE = 28  # patch 14 × spatial merge 2
 
 
+@dataclass(frozen=True)
+class Chat:
+    """A user turn with extras (used by prompt attacks): a system turn, earlier text-only
+    (question, answer) turns, and a prefix the assistant's answer is forced to start with."""
+
+    question: str
+    system: str | None = None
+    shots: tuple[tuple[str, str], ...] = ()
+    prefix: str = ""
+
+
 @dataclass
 class Encoded:
     """A model-ready batch plus where each row's answer starts (for scoring)."""
@@ -59,9 +70,13 @@ class Processor:
         self.end_id = tokenizer.convert_tokens_to_ids(IM_END)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.end_id
 
-    def prompt(self, question: str, has_image: bool) -> str:
+    def prompt(self, question: str | Chat, has_image: bool) -> str:
         vision = VISION_START + IMAGE_PAD * self.image_tokens + VISION_END if has_image else ""
-        return f"{IM_START}user\n{vision}{question}{IM_END}\n{IM_START}assistant\n"
+        if isinstance(question, str):
+            return f"{IM_START}user\n{vision}{question}{IM_END}\n{IM_START}assistant\n"
+        turns = [f"{IM_START}system\n{question.system}{IM_END}\n"] if question.system else []
+        turns += [f"{IM_START}user\n{q}{IM_END}\n{IM_START}assistant\n{a}{IM_END}\n" for q, a in question.shots]
+        return "".join(turns) + f"{IM_START}user\n{vision}{question.question}{IM_END}\n{IM_START}assistant\n{question.prefix}"
 
     def _pixels(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
         size = (self.image_size, self.image_size)
@@ -71,7 +86,7 @@ class Processor:
 
     def encode(
         self,
-        questions: list[str],
+        questions: list[str | Chat],
         images: list[Image.Image | None],
         answers: list[str] | None = None,
         left_pad: bool = False,
