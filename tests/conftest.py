@@ -22,3 +22,28 @@ def quickstart_run(tmp_path_factory):
                           capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc.stdout
+
+
+@pytest.fixture(scope="session")
+def tiny_vanilla(tmp_path_factory):
+    """A 4-player synthetic benchmark and a briefly trained tiny vanilla model: (data dir, model dir).
+    Enough for sweeps to exercise their machinery; not a model that knows the benchmark."""
+    from offside.data.synth import generate
+    from offside.engine.trainer import TrainSpec
+    from offside.models.loading import ModelSpec
+    from offside.stages import FinetuneConfig, finetune
+
+    root = tmp_path_factory.mktemp("tiny")
+    data = generate(root / "data", players=4, seed=0)
+    spec = TrainSpec(epochs=3, lr=3e-3, batch_size=32, warmup_ratio=0.05, weight_decay=0.0)
+    os.environ.setdefault("OFFSIDE_EXPERIMENT", "offside")
+    result = finetune(FinetuneConfig(data=str(data), out=str(root / "vanilla"), model=ModelSpec("tiny"), train=spec), progress=False)
+    return data, result.run_dir
+
+
+@pytest.fixture
+def local_ray_env(monkeypatch):
+    """Token auth off (Ray ≥ 2.59 turns it on for a local ray.init) and CPU DeepSpeed, for this
+    process and the subprocesses and Ray workers it starts."""
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")

@@ -1,5 +1,34 @@
 """Subcommands of `offside` provided by this package (ray is imported inside the command functions)."""
 
+from __future__ import annotations
+
+import sys
+
 
 def add_commands(sub) -> None:
     """Adds this package's subcommands to the `offside` parser."""
+    p = sub.add_parser("tune", help="Ray Tune sweep of DeepSpeed unlearning trials, tracked in MLflow")
+    p.add_argument("--config", help="sweep YAML (e.g. tune_jobs/configs/tiny.yaml); not needed with --resume")
+    p.add_argument("--address", help="join this Ray cluster (e.g. auto, ray://HOST:10001) instead of starting a local Ray")
+    p.add_argument("--resume", metavar="PATH", help="continue the interrupted sweep in PATH (<storage>/<name>)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. name=s2 or num_samples=8")
+    p.set_defaults(func=cmd_tune)
+
+
+def cmd_tune(args) -> None:
+    from offside.cli import _overrides
+    from offside.errors import OffsideError
+    from tune_jobs.spec import load_sweep
+    from tune_jobs.sweep import run_sweep
+
+    if not args.config and not args.resume:
+        raise OffsideError("--config is required (or --resume PATH to continue a sweep)")
+    config = load_sweep(args.config, _overrides(args, {})) if args.config and not args.resume else None
+    result = run_sweep(config, address=args.address, resume=args.resume)
+    if not result.complete:
+        print(f"[offside] sweep interrupted; continue it with: offside tune --resume {result.sweep_dir}", flush=True)
+        sys.exit(130)
+    print((result.sweep_dir / "results.md").read_text())
+    best = result.best
+    print(f"[offside] best trial {best['trial_id']} (epoch {best['epoch']}): objective {best['objective']:.4f}; "
+          f"{result.sweep_dir / 'best.yaml'}", flush=True)

@@ -1,0 +1,199 @@
+"""Ray Tune sweeps on a real local Ray: each trial a Ray Train run of DeepSpeed workers, MLflow
+parent + one child per trial, best config and model exported; bad configs fail before any trial."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from offside.errors import OffsideError
+from offside.eval.evaluate import EvalSpec, evaluate
+from offside.models.loading import ModelSpec, build_or_load
+from tune_jobs.spec import load_sweep, sweep_from_dict
+from tune_jobs.sweep import run_sweep
+from tune_jobs.tracking import SWEEP_TAG, TRIAL_TAG
+
+
+def sweep_dict(tmp_path, data, vanilla, **extra):
+    base = {
+        "name": "s", "storage": str(tmp_path / "tune"), "data": str(data), "vanilla": str(vanilla), "methods": ["ga"],
+        "train": {"epochs": 2, "lr": 4e-4, "batch_size": 8, "warmup_ratio": 0.0, "schedule": "constant", "weight_decay": 0.0},
+        "search_space": {"train.lr": {"loguniform": [1e-4, 1e-3]}}, "num_samples": 4,
+        "resources": {"workers": 2, "cpus_per_worker": 1, "max_concurrent": 1, "local_cpus": 4},
+        "epoch_eval": {"splits": ["forget", "retain", "test"], "forms": ["mcq"], "limit": 6},
+    }
+    return base | extra
+
+
+def sweep_runs(storage: Path, name: str):
+    client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("offside")
+    return client, client.search_runs([experiment.experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{name}'") if experiment else []
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"methods": ["nope"]}, "unknown method 'nope'"),
+    ({"search_space": {}}, "'search_space' is empty"),
+    ({"search_space": {"train.lr": {"choice": []}}}, "needs a non-empty list"),
+    ({"objective": {"metric": "forget/image/all/bleu"}}, "no suite produces metric 'forget/image/all/bleu'"),
+    ({"epoch_eval": {"splits": ["forget"], "forms": ["mcq"]}}, "no suite produces metric 'summary/forget_efficacy'"),
+    ({"search": "grid"}, "grid search needs explicit values"),
+    ({"train": {"epochs": 2, "bogus": 1}}, "unknown key 'train.bogus'"),
+])
+def test_bad_config_is_refused_naming_the_problem(tmp_path, change, message):
+    with pytest.raises(OffsideError, match=message.replace("(", r"\(")):
+        sweep_from_dict(sweep_dict(tmp_path, "d", "v") | change, "bad.yaml")
+
+
+def test_shipped_configs_load():
+    for path in sorted(Path("tune_jobs/configs").glob("*.yaml")):
+        config = load_sweep(path)
+        assert config.search_space and config.methods, path
+
+
+def test_unsatisfiable_resources_fail_before_any_trial(tmp_path, tiny_vanilla, local_ray_env):
+    data, vanilla = tiny_vanilla
+    config = sweep_from_dict(sweep_dict(tmp_path, data, vanilla, resources={"workers": 8, "local_cpus": 4}))
+    with pytest.raises(OffsideError, match="a trial needs 9 CPUs .* the cluster has 4 CPUs"):
+        run_sweep(config)
+    assert not (tmp_path / "tune" / "s" / "trials").exists()
+
+
+def test_existing_sweep_name_is_refused_without_resume(tmp_path, tiny_vanilla):
+    data, vanilla = tiny_vanilla
+    (tmp_path / "tune" / "s").mkdir(parents=True)
+    config = sweep_from_dict(sweep_dict(tmp_path, data, vanilla))
+    with pytest.raises(OffsideError, match="already exists; continue it with --resume"):
+        run_sweep(config)
+
+
+def test_four_trial_asha_sweep_of_deepspeed_pairs(tmp_path, tiny_vanilla, local_ray_env):
+    data, vanilla = tiny_vanilla
+    config = sweep_from_dict(sweep_dict(tmp_path, data, vanilla, train={"epochs": 3, "lr": 4e-4, "batch_size": 8}))
+    result = run_sweep(config, verbose=0)
+    assert result.complete and len(result.trials) == 4
+    assert all(row["status"] == "TERMINATED" for row in result.trials)
+    # ASHA (grace 1, factor 2) stops the weaker trials early: fewer trial-epochs than 4 × 3.
+    assert 4 <= sum(row["epochs_run"] for row in result.trials) <= 12
+
+    client, runs = sweep_runs(tmp_path / "tune", "s")
+    parents = [r for r in runs if r.data.tags.get("stage") == "sweep"]
+    children = [r for r in runs if TRIAL_TAG in r.data.tags]
+    assert len(parents) == 1 and len(children) == 4
+    assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
+    assert {r.info.status for r in runs} <= {"FINISHED", "KILLED"} and parents[0].info.status == "FINISHED"
+    for child in children:  # per-epoch metrics, one value per epoch the trial ran
+        history = client.get_metric_history(child.info.run_id, "summary/forget_efficacy")
+        row = next(r for r in result.trials if r["trial_id"] == child.data.tags[TRIAL_TAG])
+        assert sorted(m.step for m in history) == list(range(1, row["epochs_run"] + 1))
+        assert child.info.status == ("FINISHED" if row["epochs_run"] == 3 else "KILLED")
+    artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert {"best.yaml", "results.csv", "results.md", "pareto.png"} <= artifacts
+
+    best = yaml.safe_load((result.sweep_dir / "best.yaml").read_text())
+    assert best["objective"] == max(row["objective"] for row in result.trials)
+    assert best["settings"]["train"]["lr"] == pytest.approx(best["sample"]["train.lr"])
+    model, processor = build_or_load(ModelSpec(best["model"]))
+    from offside.data.loader import load_benchmark
+    from offside.data.rows import materialise
+
+    bench = load_benchmark(data)
+    spec = EvalSpec(splits=["forget"], forms=["mcq"], limit=6)
+    metrics, _ = evaluate(model, processor, {"forget": materialise(bench["forget"])}, spec, progress=False)
+    # The exported model is the best epoch's weights: it reproduces that epoch's reported accuracy.
+    assert metrics["forget/image/all/mcq_acc"] == pytest.approx(best_row(result, best)["forget/image/all/mcq_acc"])
+
+
+def best_row(result, best):
+    return next(r for r in result.trials if r["trial_id"] == best["trial_id"])
+
+
+def _cli(config_path: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "offside.cli", "tune", *extra] + (["--config", str(config_path)] if config_path else []),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(condition, timeout: float, proc: subprocess.Popen):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = condition()
+        if found:
+            return found
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.3)
+    raise AssertionError("timed out waiting")
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_its_trial_from_the_checkpoint(tmp_path, tiny_vanilla, local_ray_env):
+    data, vanilla = tiny_vanilla
+    config = sweep_dict(tmp_path, data, vanilla, num_samples=1, scheduler={"name": "fifo"},
+                        train={"epochs": 4, "lr": 4e-4, "batch_size": 8})
+    path = tmp_path / "fault.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = _cli(path)
+    workers = tmp_path / "tune" / "s" / "workers"
+
+    def rank1_after_epoch1():
+        files = list(workers.glob("*/rank1.json"))
+        record = json.loads(files[0].read_text()) if files else {}
+        return record if record.get("epoch", 0) >= 1 else None
+
+    victim = _wait_for(rank1_after_epoch1, 900, proc)
+    os.kill(victim["pid"], signal.SIGKILL)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-3000:]
+
+    client, runs = sweep_runs(tmp_path / "tune", "s")
+    children = [r for r in runs if TRIAL_TAG in r.data.tags]
+    assert len(children) == 1 and children[0].info.status == "FINISHED"
+    epochs = sorted(m.step for m in client.get_metric_history(children[0].info.run_id, "epoch"))
+    assert epochs == [1, 2, 3, 4]  # the counter continued after the restart, no epoch ran twice
+    resumed = {m.step: m.value for m in client.get_metric_history(children[0].info.run_id, "resumed_from_epoch")}
+    assert resumed[1] == 0 and resumed[4] >= victim["epoch"]  # the new workers started from the checkpoint
+    record = json.loads(next(workers.glob("*/rank1.json")).read_text())
+    assert record["pid"] != victim["pid"] and record["epoch"] == 4
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, tiny_vanilla, local_ray_env):
+    data, vanilla = tiny_vanilla
+    config = sweep_dict(tmp_path, data, vanilla, num_samples=3, scheduler={"name": "fifo"},
+                        resources={"workers": 1, "max_concurrent": 1, "local_cpus": 4})
+    path = tmp_path / "resume.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = _cli(path)
+
+    def finished_children():
+        try:
+            return [r for r in sweep_runs(tmp_path / "tune", "s")[1] if TRIAL_TAG in r.data.tags and r.info.status == "FINISHED"]
+        except Exception:  # the store is being created
+            return []
+
+    first = _wait_for(finished_children, 900, proc)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "--resume" in out, out[-3000:]
+
+    refused = _cli(path)
+    out, _ = refused.communicate(timeout=300)
+    assert refused.returncode == 2 and "already exists" in out
+
+    resumed = _cli(None, "--resume", str(tmp_path / "tune" / "s"))
+    out, _ = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, out[-3000:]
+    client, runs = sweep_runs(tmp_path / "tune", "s")
+    children = [r for r in runs if TRIAL_TAG in r.data.tags]
+    assert len(children) == 3 and all(r.info.status == "FINISHED" for r in children)
+    for done in first:  # finished before the interruption: not run again
+        again = next(r for r in children if r.info.run_id == done.info.run_id)
+        assert again.info.end_time == done.info.end_time
+        assert len(client.get_metric_history(done.info.run_id, "epoch")) == 2
+    assert (tmp_path / "tune" / "s" / "best.yaml").exists()

@@ -1,0 +1,331 @@
+"""`offside tune`: a Ray Tune sweep of unlearning trials (tune_jobs.trial), tracked in MLflow.
+
+Sweep directory `<storage>/<name>/`: Tune's experiment state, `sweep.yaml` (the resolved config, what
+`--resume` reads), `vanilla_metrics.json`, `trials/` (each trial's Ray Train run and checkpoints),
+`workers/` (pid + epoch per trial rank), and at the end `results.csv`, `results.md`, `pareto.png`,
+`best.yaml` and `best_model/` (the best checkpoint exported as a loadable model directory). MLflow:
+`<storage>/mlflow.db` unless MLFLOW_TRACKING_URI is set."""
+
+from __future__ import annotations
+
+import json
+import socket
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import yaml
+
+from offside.config import from_dict, to_dict
+from offside.data.loader import load_benchmark
+from offside.data.rows import materialise
+from offside.errors import OffsideError
+from offside.eval.evaluate import evaluate
+from offside.models.loading import LoraSpec, ModelSpec, build_or_load, save
+from offside.tracking import tracking_uri
+from tune_jobs import tracking
+from tune_jobs.spec import SweepConfig, apply_sample, max_epochs, sweep_from_dict, trial_count
+
+SWEEP_FILE = "sweep.yaml"
+FINISHED_STATES = ("TERMINATED", "ERROR")
+
+
+@dataclass
+class SweepResult:
+    sweep_dir: Path
+    parent_run: str
+    trials: list[dict]  # one row per trial: its best epoch's metrics, settings, checkpoint
+    best: dict | None
+    complete: bool
+
+
+def run_sweep(config: SweepConfig | None = None, address: str | None = None, resume: str | None = None,
+              verbose: int = 1) -> SweepResult:
+    config, sweep_dir = _prepare(config, resume)
+    import ray
+
+    started = _start_ray(address, config)
+    try:
+        check_resources(config)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            (sweep_dir / SWEEP_FILE).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        uri = tracking_uri(Path(config.storage))
+        parent = tracking.parent_run(uri, config.name, to_dict(config))
+        static = _static(config, sweep_dir, uri, parent, _vanilla_metrics(config, sweep_dir))
+        grid = _tuner(config, sweep_dir, static, resume is not None, verbose).fit()
+        return _finish(config, sweep_dir, uri, parent, grid, static)
+    except BaseException:
+        if "static" in locals():
+            tracking.MlflowClient(uri).set_terminated(parent, "KILLED")
+        raise
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _prepare(config: SweepConfig | None, resume: str | None) -> tuple[SweepConfig, Path]:
+    if resume:
+        sweep_dir = Path(resume).resolve()
+        saved = sweep_dir / SWEEP_FILE
+        if not saved.exists():
+            raise OffsideError(f"{sweep_dir}: not a sweep directory (no {SWEEP_FILE}); nothing to resume")
+        return sweep_from_dict(yaml.safe_load(saved.read_text()), str(saved)), sweep_dir
+    if config is None:
+        raise OffsideError("a sweep config is required (--config)")
+    config = replace(config, storage=str(Path(config.storage).resolve()), data=str(Path(config.data).resolve()),
+                     vanilla=str(Path(config.vanilla).resolve()) if Path(config.vanilla).exists() else config.vanilla)
+    sweep_dir = Path(config.storage) / config.name
+    if sweep_dir.exists():
+        raise OffsideError(f"{sweep_dir}: a sweep named {config.name!r} already exists; continue it with "
+                           f"--resume {sweep_dir}, or choose another name")
+    if not Path(config.data).is_dir():
+        raise OffsideError(f"data: {config.data}: benchmark directory not found")
+    if not (Path(config.vanilla) / "config.json").exists():
+        raise OffsideError(f"vanilla: {config.vanilla}: not a model directory (no config.json)")
+    return config, sweep_dir
+
+
+def _start_ray(address: str | None, config: SweepConfig) -> bool:
+    """Joins `address` (an existing cluster) or starts a local Ray in this process; True if started
+    here (and so to be shut down here)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(address="local", num_cpus=config.resources.local_cpus, include_dashboard=True,
+                 dashboard_host="127.0.0.1", dashboard_port=_free_port(), log_to_driver=False)
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_resources(config: SweepConfig) -> None:
+    """Fails before any trial when one trial (its 1-CPU driver + every worker) can never be placed."""
+    import ray
+
+    res = config.resources
+    total = ray.cluster_resources()
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    need_cpu = 1 + res.workers * res.cpus_per_worker
+    need_gpu = res.workers * res.gpus_per_worker
+    fits_one_worker = any(n.get("CPU", 0) >= res.cpus_per_worker and n.get("GPU", 0) >= res.gpus_per_worker for n in nodes)
+    if need_cpu > total.get("CPU", 0) or need_gpu > total.get("GPU", 0) or not fits_one_worker:
+        raise OffsideError(
+            f"resources: a trial needs {need_cpu:g} CPUs and {need_gpu:g} GPUs (1 driver + {res.workers} workers × "
+            f"{res.cpus_per_worker:g} CPU, {res.gpus_per_worker:g} GPU), the cluster has {total.get('CPU', 0):g} CPUs "
+            f"and {total.get('GPU', 0):g} GPUs: it can never be scheduled")
+
+
+def _vanilla_metrics(config: SweepConfig, sweep_dir: Path) -> dict[str, float]:
+    """The vanilla model's scores on the per-epoch suites (the summary's reference), computed once."""
+    path = sweep_dir / "vanilla_metrics.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    bench = load_benchmark(config.data)
+    model, processor = build_or_load(ModelSpec(config.vanilla))
+    rows = {s: materialise(bench[s]) for s in config.epoch_eval.splits}
+    metrics, _ = evaluate(model, processor, rows, config.epoch_eval, progress=False)
+    path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return metrics
+
+
+def _static(config: SweepConfig, sweep_dir: Path, uri: str, parent: str, vanilla_metrics: dict) -> dict:
+    """What every trial shares (passed to the trainable with tune.with_parameters)."""
+    base = {"method": config.methods[0], "method_args": dict(config.method_args), "train": to_dict(config.train),
+            "lora": to_dict(config.lora) if config.lora else None, "forget_fraction": config.forget_fraction}
+    return {
+        "sweep": config.name, "sweep_dir": str(sweep_dir), "train_storage": str(sweep_dir / "trials"),
+        "tracking_uri": uri, "parent_run": parent, "data": config.data, "vanilla": config.vanilla,
+        "scenario": config.scenario, "modalities": ["image", "text"], "freeze_vision": config.freeze_vision,
+        "base": base, "epoch_eval": to_dict(config.epoch_eval), "objective": to_dict(config.objective),
+        "resources": to_dict(config.resources), "max_failures": config.max_failures,
+        "vanilla_metrics": vanilla_metrics,
+    }
+
+
+def search_space(config: SweepConfig) -> dict:
+    from ray import tune
+
+    space = dict(config.search_space)
+    if len(config.methods) > 1 and "method" not in space:
+        space["method"] = {"choice": list(config.methods)}
+    makers = {"choice": tune.choice, "grid": tune.grid_search, "uniform": lambda v: tune.uniform(*v),
+              "loguniform": lambda v: tune.loguniform(*v), "randint": lambda v: tune.randint(*v)}
+    if config.search == "grid":
+        makers["choice"] = tune.grid_search
+    return {key: makers[kind](values) for key, dist in space.items() for kind, values in dist.items()}
+
+
+def _tuner(config: SweepConfig, sweep_dir: Path, static: dict, resume: bool, verbose: int):
+    from ray import tune
+
+    from tune_jobs.trial import run_trial
+
+    trainable = tune.with_resources(tune.with_parameters(run_trial, static=static), {"cpu": 1})
+    if resume:
+        if not tune.Tuner.can_restore(str(sweep_dir)):
+            raise OffsideError(f"{sweep_dir}: no Tune experiment state to resume (the sweep never started a trial)")
+        return tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, resume_errored=True)
+    base_epochs = config.train.epochs
+    planned = lambda trial_config: int(trial_config.get("train.epochs", base_epochs))  # noqa: E731
+    callback = tracking.closing_callback(static["tracking_uri"], config.name, planned)
+    searcher, scheduler, tune_kwargs = _search(config)
+    return tune.Tuner(
+        trainable,
+        param_space=search_space(config),
+        tune_config=tune.TuneConfig(num_samples=1 if config.search == "grid" else config.num_samples,
+                                    max_concurrent_trials=config.resources.max_concurrent,
+                                    search_alg=searcher, scheduler=scheduler, **tune_kwargs),
+        run_config=tune.RunConfig(name=config.name, storage_path=config.storage, callbacks=[callback],
+                                  failure_config=tune.FailureConfig(max_failures=config.trial_max_failures),
+                                  verbose=verbose),
+    )
+
+
+def _search(config: SweepConfig):
+    """(searcher, scheduler, TuneConfig metric/mode). Multi-objective: the searcher gets both metrics,
+    the scheduler the scalar objective, TuneConfig neither."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    pareto = config.objective.mode == "pareto"
+    single = {} if pareto else {"metric": "objective", "mode": "max"}
+    scheduler = FIFOScheduler()
+    if config.scheduler.name == "asha":
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=max_epochs(config), grace_period=config.scheduler.grace_period,
+                                  reduction_factor=config.scheduler.reduction_factor,
+                                  **({"metric": "objective", "mode": "max"} if pareto else {}))
+    if config.search != "optuna":
+        # max_concurrent here: Tune ignores max_concurrent_trials for a BasicVariantGenerator instance.
+        return BasicVariantGenerator(random_state=config.seed, max_concurrent=config.resources.max_concurrent), scheduler, single
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    sampler = optuna.samplers.TPESampler(seed=config.seed)
+    if pareto:
+        searcher = OptunaSearch(metric=[config.objective.metric, config.objective.constraint], mode=["max", "max"], sampler=sampler)
+    else:
+        searcher = OptunaSearch(sampler=sampler)
+    return searcher, scheduler, single
+
+
+def _finish(config: SweepConfig, sweep_dir: Path, uri: str, parent: str, grid, static: dict) -> SweepResult:
+    states = [t.status for t in grid._experiment_analysis.trials]
+    complete = all(s in FINISHED_STATES for s in states) and len(states) >= trial_count(config)
+    client = tracking.MlflowClient(uri)
+    if not complete:
+        client.set_terminated(parent, "KILLED")
+        return SweepResult(sweep_dir, parent, [], None, False)
+    rows = trial_rows(grid, static)
+    if not rows:
+        client.set_terminated(parent, "FAILED")
+        raise OffsideError(f"sweep {config.name!r}: no trial reported a result (see {sweep_dir}/*/error.txt)")
+    best = max(rows, key=lambda r: r["objective"])
+    write_results(config, sweep_dir, rows, best)
+    if config.export_best:
+        export_model(best, static, sweep_dir / "best_model")
+        client.set_tag(parent, "best_model", str(sweep_dir / "best_model"))
+    client.set_tag(parent, "best_checkpoint", best["checkpoint_path"])
+    client.set_tag(parent, "best_trial", best["trial_id"])
+    client.log_batch(parent, metrics=[tracking.Metric(f"best/{k}", float(best[k]), 0, 0) for k in
+                                      ("objective", config.objective.metric, config.objective.constraint)])
+    for name in ("results.csv", "results.md", "pareto.png", "best.yaml"):
+        client.log_artifact(parent, str(sweep_dir / name))
+    client.set_terminated(parent, "FINISHED")
+    return SweepResult(sweep_dir, parent, rows, best, True)
+
+
+def trial_rows(grid, static: dict) -> list[dict]:
+    """Each trial's best epoch (by objective): its metrics, settings and that epoch's checkpoint."""
+    frame = grid.get_dataframe(filter_metric="objective", filter_mode="max")
+    trials = {t.trial_id: t for t in grid._experiment_analysis.trials}
+    rows = []
+    for record in frame.to_dict("records"):
+        if record.get("objective") is None or record["objective"] != record["objective"]:
+            continue
+        trial = trials[record["trial_id"]]
+        sample = {k: v for k, v in trial.config.items()}
+        rows.append({
+            "trial_id": record["trial_id"], "status": trial.status, "sample": sample,
+            "settings": apply_sample(static["base"], sample), "epoch": int(record["epoch"]),
+            "epochs_run": int(trial.last_result.get("epoch", 0)), "checkpoint_path": record.get("checkpoint_path"),
+            **{k: float(v) for k, v in record.items() if "/" in k and not k.startswith("config/") and isinstance(v, (int, float))},
+            "objective": float(record["objective"]),
+        })
+    return sorted(rows, key=lambda r: r["trial_id"])
+
+
+def pareto_front(rows: list[dict], a: str, b: str) -> list[dict]:
+    return [r for r in rows if not any(o[a] >= r[a] and o[b] >= r[b] and (o[a] > r[a] or o[b] > r[b]) for o in rows)]
+
+
+def write_results(config: SweepConfig, sweep_dir: Path, rows: list[dict], best: dict) -> None:
+    a, b = config.objective.metric, config.objective.constraint
+    front = {r["trial_id"] for r in pareto_front(rows, a, b)}
+    columns = ["trial_id", "status", "epochs_run", "epoch", "objective", a, b]
+    sample_keys = sorted({k for r in rows for k in r["sample"]})
+    lines = [",".join(columns + sample_keys + ["pareto"])]
+    table = ["| " + " | ".join(columns + sample_keys + ["pareto"]) + " |", "|" + "---|" * (len(columns) + len(sample_keys) + 1)]
+    for r in rows:
+        cells = [_cell(r[c]) for c in columns] + [_cell(r["sample"].get(k)) for k in sample_keys] + [str(r["trial_id"] in front)]
+        lines.append(",".join(cells))
+        table.append("| " + " | ".join(cells) + " |")
+    (sweep_dir / "results.csv").write_text("\n".join(lines) + "\n")
+    (sweep_dir / "results.md").write_text("\n".join(table) + "\n")
+    best_doc = {"sweep": config.name, "trial_id": best["trial_id"], "epoch": best["epoch"], "sample": best["sample"],
+                "settings": best["settings"], "objective": best["objective"], "metrics": {a: best[a], b: best[b]},
+                "checkpoint": best["checkpoint_path"], "model": str(sweep_dir / "best_model") if config.export_best else None}
+    (sweep_dir / "best.yaml").write_text(yaml.safe_dump(best_doc, sort_keys=False))
+    _plot(rows, front, a, b, sweep_dir / "pareto.png")
+
+
+def _cell(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _plot(rows: list[dict], front: set[str], a: str, b: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for on_front in (False, True):
+        chosen = [r for r in rows if (r["trial_id"] in front) == on_front]
+        ax.scatter([r[a] for r in chosen], [r[b] for r in chosen], label="Pareto front" if on_front else "trials",
+                   color="tab:red" if on_front else "tab:gray")
+    ax.set_xlabel(a)
+    ax.set_ylabel(b)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def export_model(row: dict, static: dict, out: Path) -> Path:
+    """Rebuilds the trial's model (vanilla + its LoRA settings) and loads the weights of its best
+    epoch's DeepSpeed checkpoint; saves a model directory that loads by path (LoRA merged)."""
+    import torch
+
+    checkpoint = Path(row["checkpoint_path"] or "")
+    latest = checkpoint / "latest"
+    if not latest.exists():
+        raise OffsideError(f"trial {row['trial_id']}: its best checkpoint {checkpoint} is gone or not a DeepSpeed checkpoint")
+    states = checkpoint / latest.read_text().strip() / "mp_rank_00_model_states.pt"
+    settings = row["settings"]
+    lora = from_dict(LoraSpec, settings["lora"]) if settings.get("lora") else None
+    model, processor = build_or_load(ModelSpec(static["vanilla"], lora=lora))
+    model.load_state_dict(torch.load(states, map_location="cpu", weights_only=False)["module"])
+    tmp = out.parent / f".{out.name}.partial"
+    tmp.mkdir(parents=True, exist_ok=True)
+    save(model, processor, tmp)
+    (tmp / "trial.json").write_text(json.dumps({k: row[k] for k in ("trial_id", "epoch", "objective", "settings")}, indent=2) + "\n")
+    tmp.rename(out)
+    return out
