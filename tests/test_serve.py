@@ -6,8 +6,12 @@ import base64
 import io
 import json
 import os
+import signal
 import socket
 import struct
+import subprocess
+import sys
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -73,24 +77,16 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(models):
-    import ray
-    from ray import serve
-
-    from serve.app import build
+    from serve.local import start, stop
 
     root, data = models
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ.pop(TOKEN_ENV, None)
-    port = _free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"models": {"a1": str(root / "a1"), "a2": str(root / "a2"), "vanilla": str(root / "base")},
             "data": str(data), "token_file": str(root / "token"), "max_models_per_replica": 2,
             "max_new_tokens": 12}
-    serve.run(build(args), name="offside", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    yield start(args, _free_port(), num_cpus=2, quiet=True)
+    stop()
 
 
 def _post(url, path, body, token=TOKEN):
@@ -309,6 +305,38 @@ def test_yaml_config_builds_the_app(models):
         build(app["args"] | {"models": {"a1": str(root / "missing")}})
     with pytest.raises(OffsideError, match="unknown key 'batchin'"):
         build(app["args"] | {"batchin": True})
+
+
+def test_offside_serve_command_serves_until_interrupted(models):
+    root, data = models
+    port = _free_port()
+    env = os.environ | {"RAY_AUTH_MODE": "disabled", TOKEN_ENV: "env-token"}
+    command = [sys.executable, "-m", "offside.cli", "serve", "--config", str(REPO / "serve" / "config.yaml"),
+               "--models", f"v={root / 'base'}", f"a1={root / 'a1'}", "--data", str(data), "--port", str(port),
+               "--set", "max_new_tokens=4"]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if requests.get(url + "/healthz", timeout=5).ok:
+                    break
+            except requests.RequestException:  # not up yet
+                time.sleep(1)
+        body = {"model": "a1", "question": "Who is this?"}
+        assert _post(url, "/v1/probe", body, token="wrong").status_code == 401
+        answer = _post(url, "/v1/probe", body, token="env-token")
+        assert answer.status_code == 200 and answer.json()["model"] == "a1", answer.text
+        assert [m["id"] for m in _get_models(url, "env-token")] == ["v", "a1"]  # --models replaced the YAML's
+    finally:
+        proc.send_signal(signal.SIGINT)
+        output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, output[-2000:]
+
+
+def _get_models(url, token):
+    return requests.get(url + "/v1/models", headers={"Authorization": f"Bearer {token}"}, timeout=30).json()["data"]
 
 
 def test_token_from_environment_wins_over_file(tmp_path, monkeypatch):
