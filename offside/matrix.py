@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import time
 import traceback
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from offside.config import deep_merge, from_dict
 from offside.data.scenarios import SCENARIOS
 from offside.engine.trainer import TrainSpec
 from offside.errors import OffsideError
@@ -31,6 +32,7 @@ class MatrixConfig:
     train: TrainSpec = field(default_factory=lambda: replace(PUBLISHED_UNLEARN))
     relearn: TrainSpec = field(default_factory=lambda: replace(PUBLISHED_RELEARN))
     method_args: dict = field(default_factory=dict)  # {method: {hyperparameter: value}}
+    method_train: dict = field(default_factory=dict)  # {method: {train key: value}} on top of `train`
     lora: LoraSpec | None = None
     freeze_vision: bool = True
     forget_fraction: float = 1.0
@@ -40,8 +42,13 @@ class MatrixConfig:
 def validate(config: MatrixConfig) -> list[str]:
     """Everything that can be checked before any training: methods, their arguments, scenarios."""
     methods = config.methods or available()
+    for section in ("method_args", "method_train"):
+        unknown = sorted(set(getattr(config, section)) - set(available()))
+        if unknown:
+            raise OffsideError(f"{section}: unknown method(s) {unknown} (registered: {', '.join(available())})")
     for method in methods:
         get_method(method, config.method_args.get(method, {}), f"method_args.{method}")
+        train_spec(config, method)
     unknown = [s for s in config.scenarios if s not in SCENARIOS]
     if unknown:
         raise OffsideError(f"unknown scenario(s) {unknown} (valid: {', '.join(SCENARIOS)})")
@@ -49,6 +56,12 @@ def validate(config: MatrixConfig) -> list[str]:
     if not config.model:
         raise OffsideError("matrix: the vanilla model directory is required (--model)")
     return methods
+
+
+def train_spec(config: MatrixConfig, method: str) -> TrainSpec:
+    """The shared training spec with this method's overrides (validated like any config section)."""
+    overrides = config.method_train.get(method, {})
+    return from_dict(TrainSpec, deep_merge(asdict(config.train), overrides), "matrix config", f"method_train.{method}")
 
 
 def run_matrix(config: MatrixConfig, progress: bool = True) -> list[dict]:
@@ -77,7 +90,7 @@ def _run_cell(config: MatrixConfig, out: Path, method: str, scenario: str, progr
             data=config.data, out=str(out / name), method=method, scenario=scenario,
             method_args=config.method_args.get(method, {}), forget_fraction=config.forget_fraction,
             model=ModelSpec(config.model, lora=config.lora, freeze_vision=config.freeze_vision),
-            train=config.train, relearn=config.relearn,
+            train=train_spec(config, method), relearn=config.relearn,
         ), progress)
         evaluated = _evaluate(config, result.run_dir, out / f"eval-{name}", progress)
         row.update(run_dir=str(result.run_dir), eval_dir=str(evaluated.run_dir),

@@ -46,7 +46,11 @@ def test_bad_matrix_requests_fail_before_training(quickstart_run, tmp_path):
         validate(_config(quickstart_run, tmp_path / "a", methods=["npo"], method_args={"npo": {"betta": 1}}))
     with pytest.raises(OffsideError, match="unknown scenario"):
         validate(_config(quickstart_run, tmp_path / "b", methods=["ga"], scenarios=["partial"]))
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with pytest.raises(OffsideError, match="unknown key 'method_train.ga.lrr'"):
+        validate(_config(quickstart_run, tmp_path / "c", methods=["ga"], method_train={"ga": {"lrr": 1e-3}}))
+    with pytest.raises(OffsideError, match=r"method_train: unknown method\(s\) \['gaa'\]"):
+        validate(_config(quickstart_run, tmp_path / "d", methods=["ga"], method_train={"gaa": {"lr": 1e-3}}))
+    assert not any((tmp_path / name).exists() for name in "abcd")
 
 
 @pytest.mark.parametrize("scenario", ["selective", "unimodal"])
@@ -78,3 +82,24 @@ def test_relearn_stage_learns_the_truth_and_evaluates(quickstart_run, tmp_path):
     ga = next(r for r in json.loads((qs / "results.json").read_text()) if r["name"] == "ga")["metrics"]
     assert metrics["relearn/image/all/mcq_acc"] > ga["relearn/image/all/mcq_acc"] + 0.2
     assert metrics["final/epoch"] == 6  # the published 6 epochs
+
+
+FORGET_IMAGE = "forget/image/all/mcq_acc"
+FORGET_IMAGE_SHARED = "forget/image/shared/mcq_acc"
+
+
+@pytest.mark.slow
+def test_tiny_matrix_reproduces_the_scenario_findings(quickstart_run, tmp_path):
+    """Every method × scenario with the tiny recipe (about 10 minutes on 2 cores)."""
+    rows = run_matrix(_config(quickstart_run, tmp_path / "m", eval={"forms": ["mcq"]}), progress=False)
+    assert not [row["name"] for row in rows if "error" in row]
+    cell = {(row["method"], row["scenario"]): row for row in rows}
+    for method in {row["method"] for row in rows}:
+        complete = cell[method, "complete"]["metrics"]
+        # text-only unlearning does not transfer to the image form
+        assert cell[method, "unimodal"]["metrics"][FORGET_IMAGE] > complete[FORGET_IMAGE], method
+        # selective unlearning spares the shared identity questions of the forget image
+        assert cell[method, "selective"]["metrics"][FORGET_IMAGE_SHARED] > complete[FORGET_IMAGE_SHARED], method
+        # corrective relearning on the true facts brings forget-set accuracy back up
+        relearning = cell[method, "relearning"]
+        assert relearning["metrics"][FORGET_IMAGE] > relearning["unlearned_metrics"][FORGET_IMAGE], method

@@ -18,7 +18,9 @@ COLUMNS = [
     (f"forget {short} {rumour} acc", f"forget/{modality}/{rumour}/mcq_acc")
     for rumour in ("visual", "textual")
     for modality, short in (("image", "img"), ("text", "txt"))
-]
+] + [("forget img shared acc", "forget/image/shared/mcq_acc"), ("forget img private acc", "forget/image/private/mcq_acc")]
+# Relearning rows also show the unlearned model's forget accuracy, so resurfacing reads off one row.
+BEFORE_RELEARNING = [("forget img acc before relearning", "forget/image/all/mcq_acc")]
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -29,14 +31,15 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def render(rows: list[dict]) -> str:
     lines = [
-        "| name | method | scenario | " + " | ".join(title for title, _ in COLUMNS) + " |",
-        "|" + "---|" * (3 + len(COLUMNS)),
+        "| name | method | scenario | " + " | ".join(title for title, _ in COLUMNS + BEFORE_RELEARNING) + " |",
+        "|" + "---|" * (3 + len(COLUMNS) + len(BEFORE_RELEARNING)),
     ]
     for row in rows:
         if row.get("error"):
-            cells = [f"failed: {row['error']}"] + [""] * (len(COLUMNS) - 1)
+            cells = [f"failed: {row['error']}"] + [""] * (len(COLUMNS) + len(BEFORE_RELEARNING) - 1)
         else:
             cells = [_cell(row["metrics"].get(key)) for _, key in COLUMNS]
+            cells += [_cell(row.get("unlearned_metrics", {}).get(key)) for _, key in BEFORE_RELEARNING]
         lines.append(f"| {row['name']} | {row['method']} | {row['scenario']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
