@@ -2,7 +2,8 @@
 
 The tiny vanilla model must know the benchmark (forget and retain ≥ 0.9 multiple-choice accuracy,
 image form) and recognise the players in new photos (test ≥ 0.6; chance is 0.25); GA must lower
-forget accuracy and GD must keep retain accuracy above GA's."""
+forget accuracy and GD must keep retain accuracy above GA's. The unlearning runs as a Ray Tune sweep
+on a local Ray (one MLflow parent run, one child per method)."""
 
 import json
 
@@ -46,7 +47,10 @@ def test_every_stage_is_a_finished_mlflow_run(quickstart_run):
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("offside").experiment_id])
     stages = sorted(r.data.tags["stage"] for r in runs)
-    assert stages == ["eval"] * 3 + ["finetune"] + ["unlearn"] * 2
+    assert stages == ["eval"] * 3 + ["finetune"] + ["sweep"] + ["unlearn"] * 2
     assert all(r.info.status == "FINISHED" for r in runs)
-    methods = {r.data.tags.get("method") for r in runs if r.data.tags["stage"] == "unlearn"}
-    assert methods == {"ga", "gd"}
+    sweep = next(r for r in runs if r.data.tags["stage"] == "sweep")
+    trials = [r for r in runs if r.data.tags["stage"] == "unlearn"]
+    assert {r.data.tags.get("method") for r in trials} == {"ga", "gd"}
+    assert all(r.data.tags["mlflow.parentRunId"] == sweep.info.run_id for r in trials)
+    assert (out / "unlearn-sweep" / "results.csv").exists()

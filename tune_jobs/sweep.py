@@ -9,6 +9,7 @@ Sweep directory `<storage>/<name>/`: Tune's experiment state, `sweep.yaml` (the 
 from __future__ import annotations
 
 import json
+import os
 import socket
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -92,11 +93,26 @@ def _start_ray(address: str | None, config: SweepConfig) -> bool:
 
     if ray.is_initialized():
         return False
+    # A trial's worker group waits for its resources while other trials hold them (Train's default: 60 s).
+    runtime_env = {"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "1800"}}
     if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(address="local", num_cpus=config.resources.local_cpus, include_dashboard=True,
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+        return True
+    # Ray Train's placement-group cleaner finds its cluster by auto-detection, which fails when other
+    # Ray instances run on the machine (it then leaks the worker group of every trial ASHA stops):
+    # fix the GCS port and hand the address to every Ray process through the environment.
+    from ray._private.services import get_node_ip_address
+
+    port = _free_port()
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    os.environ["RAY_ADDRESS"] = f"{get_node_ip_address()}:{port}"
+    try:
+        ray.init(address="local", num_cpus=config.resources.local_cpus, include_dashboard=True, runtime_env=runtime_env,
                  dashboard_host="127.0.0.1", dashboard_port=_free_port(), log_to_driver=False)
+    finally:
+        # Only the Ray processes started above keep them; a later ray.init() here must not join a dead cluster.
+        os.environ.pop("RAY_GCS_SERVER_PORT")
+        os.environ.pop("RAY_ADDRESS")
     return True
 
 
@@ -243,19 +259,25 @@ def _finish(config: SweepConfig, sweep_dir: Path, uri: str, parent: str, grid, s
 
 
 def trial_rows(grid, static: dict) -> list[dict]:
-    """Each trial's best epoch (by objective): its metrics, settings and that epoch's checkpoint."""
-    frame = grid.get_dataframe(filter_metric="objective", filter_mode="max")
+    """Each trial's best epoch (by objective, ties → the later epoch) among those whose checkpoint
+    Ray Train kept (the best-scoring and the latest): its metrics, settings and checkpoint."""
     trials = {t.trial_id: t for t in grid._experiment_analysis.trials}
     rows = []
-    for record in frame.to_dict("records"):
-        if record.get("objective") is None or record["objective"] != record["objective"]:
+    for result in grid:
+        frame = result.metrics_dataframe
+        if frame is None or "objective" not in frame:
             continue
+        records = [r for r in frame.to_dict("records") if r.get("objective") == r.get("objective")
+                   and r.get("checkpoint_path") and Path(r["checkpoint_path"]).exists()]
+        if not records:
+            continue
+        record = max(records, key=lambda r: (r["objective"], r["epoch"]))
         trial = trials[record["trial_id"]]
-        sample = {k: v for k, v in trial.config.items()}
+        sample = dict(trial.config)
         rows.append({
             "trial_id": record["trial_id"], "status": trial.status, "sample": sample,
             "settings": apply_sample(static["base"], sample), "epoch": int(record["epoch"]),
-            "epochs_run": int(trial.last_result.get("epoch", 0)), "checkpoint_path": record.get("checkpoint_path"),
+            "epochs_run": int(frame["epoch"].max()), "checkpoint_path": record["checkpoint_path"],
             **{k: float(v) for k, v in record.items() if "/" in k and not k.startswith("config/") and isinstance(v, (int, float))},
             "objective": float(record["objective"]),
         })
