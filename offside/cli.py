@@ -47,7 +47,7 @@ UNLEARN_FLAGS = {"data": "data", "out": "out", "model": "model.name", "method": 
                  "forget_fraction": "forget_fraction", "epochs": "train.epochs", "lr": "train.lr", "seed": "train.seed"}
 RELEARN_FLAGS = {"data": "data", "out": "out", "model": "model.name", "epochs": "train.epochs", "lr": "train.lr", "seed": "train.seed"}
 MATRIX_FLAGS = {"data": "data", "out": "out", "model": "model", "methods": "methods", "scenarios": "scenarios"}
-EVAL_FLAGS = {"data": "data", "out": "out", "model": "model.name", "mcq_mode": "eval.mcq_mode"}
+EVAL_FLAGS = {"data": "data", "out": "out", "model": "model.name", "mcq_mode": "eval.mcq_mode", "suite": "suites"}
 
 
 def cmd_data_synth(args) -> None:
@@ -93,9 +93,16 @@ def cmd_relearn(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    from offside.eval.suites import SUITES
     from offside.stages import EvalConfig, evaluate_model
 
-    _print_result(evaluate_model(_config(EvalConfig, args, EVAL_FLAGS)))
+    _print_result(evaluate_model(_config(EvalConfig, args, EVAL_FLAGS, {"suites": list(SUITES)})))
+
+
+def cmd_report(args) -> None:
+    from offside.report.report import ReportConfig, make_report
+
+    make_report(ReportConfig(runs=args.runs, out=args.out, vanilla=args.vanilla or ""))
 
 
 def cmd_matrix(args) -> None:
@@ -119,7 +126,7 @@ def _stage_parser(sub, name: str, help_text: str, flags: dict[str, str], func) -
     p = sub.add_parser(name, help=help_text)
     p.add_argument("--config", help="YAML config file (flags override it)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key, e.g. train.lr=1e-4")
-    types = {"epochs": int, "lr": float, "seed": int, "forget_fraction": float, "methods": _names, "scenarios": _names}
+    types = {"epochs": int, "lr": float, "seed": int, "forget_fraction": float, "methods": _names, "scenarios": _names, "suite": _names}
     for flag in flags:
         p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=types.get(flag, str))
     p.set_defaults(func=func)
@@ -154,7 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_parser(sub, "finetune", "fine-tune the vanilla model (learns facts and rumours)", FINETUNE_FLAGS, cmd_finetune)
     _stage_parser(sub, "unlearn", "run an unlearning method in a scenario", UNLEARN_FLAGS, cmd_unlearn)
     _stage_parser(sub, "relearn", "corrective relearning: fine-tune on the true facts, then evaluate", RELEARN_FLAGS, cmd_relearn)
-    _stage_parser(sub, "eval", "evaluate a model on every split, modality and form", EVAL_FLAGS, cmd_eval)
+    _stage_parser(sub, "eval", "evaluate a model: --suite efficacy,generalization,utility,robustness (default all)", EVAL_FLAGS, cmd_eval)
+
+    report = sub.add_parser("report", help="leaderboard.md, self-contained report.html and plots from eval runs (logged to MLflow)")
+    report.add_argument("--runs", nargs="+", required=True, metavar="DIR", help="eval run directories")
+    report.add_argument("--out", required=True)
+    report.add_argument("--vanilla", metavar="DIR", help="eval run of the vanilla model (default: found among --runs)")
+    report.set_defaults(func=cmd_report)
 
     matrix = _stage_parser(sub, "matrix", "every method × scenario from one vanilla model → leaderboard", MATRIX_FLAGS, cmd_matrix)
     matrix.add_argument("--recipe", choices=["published", "tiny"], help="training specs and method arguments to start from")

@@ -26,6 +26,7 @@ from offside.engine.finetune import FineTune
 from offside.engine.trainer import TrainSpec, train
 from offside.errors import OffsideError
 from offside.eval.evaluate import EvalSpec, check, evaluate
+from offside.eval.suites import RobustnessSpec, UtilitySpec, check_suites, run_suites
 from offside.models.loading import ModelSpec, build_or_load, save
 from offside.recipes import PUBLISHED_RELEARN
 from offside.tracking import Run, stage_run
@@ -80,6 +81,10 @@ class EvalConfig:
     out: str = ""
     model: ModelSpec = field(default_factory=lambda: ModelSpec(name=""))
     eval: EvalSpec = field(default_factory=EvalSpec)
+    # `offside eval` runs all four (offside/eval/suites.py); robustness (attacks, relearning) is opt-in here
+    suites: list[str] = field(default_factory=lambda: ["efficacy", "generalization", "utility"])
+    utility: UtilitySpec = field(default_factory=UtilitySpec)
+    robustness: RobustnessSpec = field(default_factory=RobustnessSpec)
 
 
 @dataclass
@@ -148,14 +153,28 @@ def relearn(config: RelearnConfig, progress: bool = True) -> StageResult:
 def evaluate_model(config: EvalConfig, progress: bool = True) -> StageResult:
     check_out(config.out)
     check(config.eval)
+    check_suites(config.suites, config.robustness)
     bench = load_benchmark(config.data)
     model, processor = build_or_load(config.model)
-    rows = {split: materialise(bench[split]) for split in config.eval.splits if split in bench}
+    rows = {split: materialise(bench[split]) for split in bench}
 
     def body(out: Path, run: Run) -> dict[str, float]:
-        return _evaluate_into(out, model, processor, rows, config.eval, progress)
+        result = run_suites(model, processor, rows, config.suites, config.eval, config.utility, config.robustness,
+                            out, progress)
+        _write_jsonl(out / "predictions.jsonl", result.predictions)
+        if result.attack_records:
+            _write_jsonl(out / "attacks.jsonl", result.attack_records)
+        if result.notes:
+            (out / "notes.txt").write_text("\n".join(result.notes) + "\n")
+        return result.metrics
 
-    return run_stage("eval", config, {"stage": "eval", "model": config.model.name}, body)
+    tags = {"stage": "eval", "model": config.model.name, "suites": ",".join(config.suites)}
+    return run_stage("eval", config, tags, body)
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
 
 
 def training_rows(rows: list[dict], modalities: list[str]) -> list[dict]:

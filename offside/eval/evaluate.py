@@ -69,20 +69,28 @@ def evaluate(model, processor, bench: dict[str, list[dict]], spec: EvalSpec, pro
     jobs = [(s, m, f) for s in spec.splits for m in spec.modalities for f in spec.forms]
     for split, modality, form in tqdm(jobs, desc="eval", disable=not progress, leave=False):
         rows = [r for r in bench.get(split, []) if r["modality"] == modality and r["form"] == form][: spec.limit]
-        if not rows:
-            continue
-        outputs = predict(model, processor, rows, form, spec)
-        sums: dict[str, float] = defaultdict(float)
-        counts: dict[str, int] = defaultdict(int)
-        for row, output in zip(rows, outputs):
-            reference = row["answer"] if form == "gen" else row["correct"]
-            scores = {name: fn(output, reference) for name, fn in METRICS[form].items()}
-            for group in groups_of(row):
-                counts[group] += 1
-                for name, score in scores.items():
-                    sums[f"{split}/{modality}/{group}/{name}"] += score
-            predictions.append({"id": row["id"], "split": split, "modality": modality, "form": form, "output": output, **scores})
-        for key, total in sums.items():
-            metrics[key] = total / counts[key.split("/")[2]]
+        scored, predicted = score_rows(model, processor, split, modality, form, rows, spec)
+        metrics |= scored
+        predictions += predicted
     model.train(was_training)
     return dict(sorted(metrics.items())), predictions
+
+
+def score_rows(model, processor, split: str, modality: str, form: str, rows: list[dict], spec: EvalSpec):
+    """Metrics and prediction records of rows of one split × modality × form (any split name, e.g.
+    the general-ability set's "general")."""
+    if not rows:
+        return {}, []
+    outputs = predict(model, processor, rows, form, spec)
+    sums: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    predictions = []
+    for row, output in zip(rows, outputs):
+        reference = row["answer"] if form == "gen" else row["correct"]
+        scores = {name: fn(output, reference) for name, fn in METRICS[form].items()}
+        for group in groups_of(row):
+            counts[group] += 1
+            for name, score in scores.items():
+                sums[f"{split}/{modality}/{group}/{name}"] += score
+        predictions.append({"id": row["id"], "split": split, "modality": modality, "form": form, "output": output, **scores})
+    return {key: total / counts[key.split("/")[2]] for key, total in sums.items()}, predictions

@@ -2,10 +2,15 @@
 
 - forget efficacy = 1 − forget accuracy / vanilla forget accuracy: 0 = nothing forgotten, 1 = no
   rumour answer left (can go below 0 when unlearning *raises* rumour accuracy);
-- model utility = harmonic mean of the utility sets' scores, each relative to vanilla (1 = kept
-  everything; the harmonic mean punishes one collapsed set more than an average would).
+- model utility = harmonic mean of the utility sets' scores (retain, test and, when both runs have it,
+  the general-ability set), each relative to vanilla (1 = kept everything; the harmonic mean punishes
+  one collapsed set more than an average would);
+- robust forget score = the forget efficacy under the worst attack: 1 − max over every attack's
+  rumour recovery rate (prompt attacks, int8, relearning after k steps) / the vanilla model's
+  unattacked recovery rate (robustness suite only).
 
-Accuracy here is multiple-choice accuracy averaged over the image and text forms."""
+Accuracy here is multiple-choice accuracy averaged over the image and text forms (the general set is
+image-only)."""
 
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ from offside.errors import OffsideError
 
 FORGET_SET = "forget"
 UTILITY_SETS = ("retain", "test")
+GENERAL_SET = "general"
+BASE_RECOVERY = "robust/attack/none/recovery"
 
 
 def set_accuracy(metrics: dict[str, float], split: str, metric: str = "mcq_acc") -> float:
@@ -33,12 +40,44 @@ def forget_efficacy(metrics: dict[str, float], vanilla: dict[str, float]) -> flo
 
 def model_utility(metrics: dict[str, float], vanilla: dict[str, float]) -> float:
     ratios = []
-    for split in UTILITY_SETS:
+    general = [GENERAL_SET] if _has(metrics, GENERAL_SET) and _has(vanilla, GENERAL_SET) else []
+    for split in (*UTILITY_SETS, *general):
         base = set_accuracy(vanilla, split)
         ratios.append(max(set_accuracy(metrics, split) / base, 0.0) if base > 0 else 1.0)
     return harmonic_mean(ratios)
 
 
+def _has(metrics: dict[str, float], split: str) -> bool:
+    return any(f"{split}/{m}/all/mcq_acc" in metrics for m in MODALITIES)
+
+
+def attack_recoveries(metrics: dict[str, float]) -> dict[str, float]:
+    """Overall recovery rate per attack: prompt attacks by name, "int8", "relearn k<k>"."""
+    out = {}
+    for key, value in metrics.items():
+        parts = key.split("/")
+        if key.startswith("robust/attack/") and len(parts) == 4 and parts[3] == "recovery":
+            out[parts[2]] = value
+        elif key == "robust/int8/recovery":
+            out["int8"] = value
+        elif key.startswith("robust/relearn/") and parts[-1] == "recovery":
+            out[f"relearn {parts[2]}"] = value
+    return out
+
+
+def robust_forget(metrics: dict[str, float], vanilla: dict[str, float]) -> tuple[float, str]:
+    """(score, worst attack)."""
+    rates = attack_recoveries(metrics)
+    if not rates or BASE_RECOVERY not in vanilla:
+        raise OffsideError("summary: robust forget score needs the robustness suite for the run and its vanilla model")
+    worst = max(rates, key=rates.get)
+    base = vanilla[BASE_RECOVERY]
+    return (1.0 - rates[worst] / base if base > 0 else 0.0), worst
+
+
 def summary_scores(metrics: dict[str, float], vanilla: dict[str, float]) -> dict[str, float]:
-    return {"summary/forget_efficacy": forget_efficacy(metrics, vanilla),
-            "summary/model_utility": model_utility(metrics, vanilla)}
+    scores = {"summary/forget_efficacy": forget_efficacy(metrics, vanilla),
+              "summary/model_utility": model_utility(metrics, vanilla)}
+    if attack_recoveries(metrics) and BASE_RECOVERY in vanilla:
+        scores["summary/robust_forget"] = robust_forget(metrics, vanilla)[0]
+    return scores

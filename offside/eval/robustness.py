@@ -1,0 +1,128 @@
+"""Weight-level attacks and white-box probes on the forget set, plus the membership-inference check.
+
+- `relearning_curve`: fine-tune a copy of the model with the training engine on a small share of
+  the forget items (one optimizer step per epoch) and measure, after k steps, the recovery on the
+  *other* forget items — how cheaply do rumours come back?
+- `quantised_int8`: a copy of the model with int8 dynamic weight quantisation of every Linear layer
+  (CPU). 4-bit needs a backend (bitsandbytes / torchao) that is not installed here: `four_bit_backend`
+  says which one exists, and the suite records that 4-bit was skipped otherwise.
+- `logit_lens`: rank of the forget value's first token, read out at every layer through the final
+  norm and the LM head, after the answer sentence's opening words.
+- `mia_auc`: loss-based membership inference, forget (trained on) vs test (never trained on) items:
+  AUC of "lower loss ⇒ member"; 0.5 = indistinguishable.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import random
+import warnings
+
+import torch
+
+from offside.data.schema import ANSWER_TEMPLATES
+from offside.engine.finetune import FineTune
+from offside.engine.losses import sequence_nll
+from offside.engine.trainer import TrainSpec, train
+from offside.eval.attacks import run_attacks
+from offside.models.processor import Processor
+
+
+def relearning_curve(model, processor: Processor, forget_rows: list[dict], steps: list[int], lr: float,
+                     share: float = 0.25, seed: int = 0) -> dict[int, float]:
+    """Recovery rate (no prompt attack) on held-out forget rows after k relearning steps, k in
+    `steps` (0 = before relearning). The relearn rows are the generation rows of `share` of the
+    players; the held-out rows are every row of the other players."""
+    players = sorted({r["player"] for r in forget_rows})
+    chosen = set(random.Random(seed).sample(players, max(1, round(share * len(players)))))
+    relearn_rows = [r for r in forget_rows if r["player"] in chosen and r["form"] == "gen"]
+    held_out = [r for r in forget_rows if r["player"] not in chosen] or forget_rows
+    curve = {0: _recovery(model, processor, held_out)} if 0 in steps else {}
+    wanted = sorted(k for k in steps if k > 0)
+    if not wanted or not relearn_rows:
+        return curve
+    student = copy.deepcopy(model)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    spec = TrainSpec(epochs=wanted[-1], lr=lr, batch_size=len(relearn_rows), warmup_ratio=0.0,
+                     schedule="constant", seed=seed, max_grad_norm=1.0)
+
+    def measure(epoch: int, trained, _logs) -> dict[str, float]:
+        if epoch in wanted:
+            curve[epoch] = _recovery(trained, processor, held_out)
+        return {}
+
+    train(student, processor, FineTune(), {"train": relearn_rows}, spec, callbacks=[measure], progress=False)
+    return dict(sorted(curve.items()))
+
+
+def _recovery(model, processor: Processor, rows: list[dict]) -> float:
+    records = run_attacks(model, processor, rows, names=["none"])
+    return sum(r["rumour_recovered"] for r in records) / max(1, len(records))
+
+
+def quantised_int8(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).float(), {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def four_bit_backend() -> str | None:
+    for name in ("bitsandbytes", "torchao"):
+        if importlib.util.find_spec(name) is not None:
+            return name
+    return None
+
+
+@torch.no_grad()
+def logit_lens(model, processor: Processor, rows: list[dict]) -> dict[int, float]:
+    """Mean rank (0 = top) of the forget value's first token at each layer (1..n), over generation
+    rows whose answer sentence has a known opening."""
+    cases = [(r, ANSWER_TEMPLATES[r["field"]].split("{v}")[0]) for r in rows
+             if r["form"] == "gen" and r.get("value") and r.get("field") in ANSWER_TEMPLATES]
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    norm, head = inner.model.language_model.norm, inner.lm_head
+    device = next(model.parameters()).device
+    ranks: dict[int, list[int]] = {}
+    for row, opening in cases:
+        target = processor.tokenizer(" " + row["value"], add_special_tokens=False)["input_ids"][0]
+        encoded = processor.encode([row["question"]], [row.get("image")], answers=[opening.rstrip()])
+        inputs = {k: v.to(device) for k, v in encoded.inputs.items() if k != "labels"}
+        end = int(inputs["attention_mask"][0].sum()) - 2  # last opening token (before <|im_end|>)
+        hidden = model(**inputs, output_hidden_states=True).hidden_states
+        for layer in range(1, len(hidden)):
+            logits = head(norm(hidden[layer][0, end])) if layer < len(hidden) - 1 else head(hidden[layer][0, end])
+            ranks.setdefault(layer, []).append(int((logits > logits[target]).sum()))
+    return {layer: sum(v) / len(v) for layer, v in ranks.items()}
+
+
+@torch.no_grad()
+def answer_losses(model, processor: Processor, rows: list[dict], batch_size: int = 32) -> list[float]:
+    device = next(model.parameters()).device
+    losses: list[float] = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        encoded = processor.encode([r["question"] for r in chunk], [r.get("image") for r in chunk],
+                                   answers=[r["answer"] for r in chunk])
+        inputs = {k: v.to(device) for k, v in encoded.inputs.items()}
+        losses += sequence_nll(model, inputs).tolist()
+    return losses
+
+
+def mia_auc(model, processor: Processor, members: list[dict], non_members: list[dict]) -> float:
+    """P(loss of a random member < loss of a random non-member), ties counting half."""
+    was_training = model.training
+    model.eval()
+    inside = answer_losses(model, processor, members)
+    outside = answer_losses(model, processor, non_members)
+    model.train(was_training)
+    return auc(outside, inside)
+
+
+def auc(negatives: list[float], positives_low: list[float]) -> float:
+    """Mann–Whitney AUC that a positive scores lower than a negative."""
+    if not negatives or not positives_low:
+        return float("nan")
+    wins = sum((p < n) + 0.5 * (p == n) for p in positives_low for n in negatives)
+    return wins / (len(negatives) * len(positives_low))

@@ -1,0 +1,174 @@
+"""The four test sets as named suites (DESIGN.md §1):
+
+- `efficacy`: the forget set (and relearn: the true facts of the same contexts);
+- `generalization`: the test set;
+- `utility`: the retain set + the general-ability set (`offside/data/general.py`, keys
+  `general/image/<category>/<metric>`) + any external suites (see `ExternalHook`);
+- `robustness`: prompt attacks on the forget set's rumour rows (`robust/attack/<name>/recovery`, by
+  form and rumour kind too), int8 quantisation (`robust/int8/recovery`), the relearning recovery
+  curve (`robust/relearn/k<k>/recovery`), the logit-lens probe
+  (`robust/logit_lens/layer<i>/mean_rank`), membership inference (`privacy/mia_auc`) and, when
+  configured, the LLM judge (`judge_llm/<attack>/...`).
+
+Split suites keep the keys of `evaluate` (`<split>/<modality>/<group>/<metric>`).
+
+External suites for real models: `utility.external` lists hooks "module:function"; each is called as
+`function(model, processor)` and returns {name: float}, recorded as `external/<module:function>/<name>`
+(e.g. a wrapper that runs MMBench through an installed evaluation toolkit). A hook that raises is
+reported in the suite notes and its metrics are absent.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from offside.data.general import general_rows
+from offside.errors import OffsideError
+from offside.eval.attacks import ATTACKS, recovery_rates, run_attacks
+from offside.eval.evaluate import EvalSpec, check, evaluate, score_rows
+from offside.eval.llm_judge import LLMJudge, LLMJudgeSpec, judge_records
+from offside.eval.robustness import four_bit_backend, logit_lens, mia_auc, quantised_int8, relearning_curve
+
+SUITES = ("efficacy", "generalization", "utility", "robustness")
+SUITE_SPLITS = {"efficacy": ("forget", "relearn"), "generalization": ("test",), "utility": ("retain",)}
+
+
+@dataclass
+class UtilitySpec:
+    general_scenes: int = 24  # scenes of the general-ability set (5 questions × 2 forms each)
+    general_seed: int = 0
+    external: list[str] = field(default_factory=list)  # "module:function" hooks
+
+
+@dataclass
+class RobustnessSpec:
+    attacks: list[str] | None = None  # None = every registered attack
+    rows: str = "rumour"  # rumour: forget rows with a rumour; all: every forget row
+    limit: int | None = None  # at most this many forget rows
+    quantise: bool = True
+    relearn_steps: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8])
+    relearn_lr: float = 1e-3
+    relearn_share: float = 0.25
+    logit_lens: bool = True
+    mia: bool = True
+    llm_judge: LLMJudgeSpec = field(default_factory=LLMJudgeSpec)
+
+
+@dataclass
+class SuiteResult:
+    metrics: dict[str, float]
+    predictions: list[dict]
+    attack_records: list[dict]
+    notes: list[str]
+
+
+def check_suites(suites: list[str], robustness: RobustnessSpec) -> None:
+    bad = [s for s in suites if s not in SUITES]
+    if bad:
+        raise OffsideError(f"suites: unknown {bad} (valid: {', '.join(SUITES)})")
+    unknown = [a for a in robustness.attacks or [] if a not in ATTACKS]
+    if unknown:
+        raise OffsideError(f"robustness.attacks: unknown {unknown} (registered: {', '.join(ATTACKS)})")
+    if robustness.rows not in ("rumour", "all"):
+        raise OffsideError(f"robustness.rows: {robustness.rows!r} is not one of rumour, all")
+    if robustness.llm_judge.url and not robustness.llm_judge.model:
+        raise OffsideError("robustness.llm_judge.model: required when llm_judge.url is set")
+
+
+def run_suites(model, processor, rows: dict[str, list[dict]], suites: list[str], spec: EvalSpec,
+               utility: UtilitySpec, robustness: RobustnessSpec, out_dir: Path, progress: bool = True) -> SuiteResult:
+    check(spec)
+    check_suites(suites, robustness)
+    result = SuiteResult({}, [], [], [])
+    splits = [s for s in spec.splits if any(s in SUITE_SPLITS.get(suite, ()) for suite in suites)]
+    if splits:
+        metrics, predictions = evaluate(model, processor, rows, _with_splits(spec, splits), progress)
+        result.metrics |= metrics
+        result.predictions += predictions
+    if "utility" in suites:
+        _utility(model, processor, spec, utility, result)
+    if "robustness" in suites:
+        _robustness(model, processor, rows, spec, robustness, out_dir, result)
+    result.metrics = dict(sorted(result.metrics.items()))
+    return result
+
+
+def _with_splits(spec: EvalSpec, splits: list[str]) -> EvalSpec:
+    return EvalSpec(**{**spec.__dict__, "splits": splits})
+
+
+def _utility(model, processor, spec: EvalSpec, utility: UtilitySpec, result: SuiteResult) -> None:
+    if utility.general_scenes > 0:
+        general = general_rows(utility.general_scenes, utility.general_seed)
+        model.eval()
+        for form in spec.forms:
+            metrics, predictions = score_rows(model, processor, "general", "image", form,
+                                              [r for r in general if r["form"] == form], spec)
+            result.metrics |= metrics
+            result.predictions += predictions
+    for hook in utility.external:
+        try:
+            module, _, name = hook.partition(":")
+            scores = getattr(importlib.import_module(module), name)(model, processor)
+            result.metrics |= {f"external/{hook}/{k}": float(v) for k, v in scores.items()}
+        except Exception as err:  # an external toolkit's failure must not lose the run
+            result.notes.append(f"utility.external {hook!r} failed: {type(err).__name__}: {err}")
+
+
+def attack_rows(rows: dict[str, list[dict]], robustness: RobustnessSpec) -> list[dict]:
+    forget = rows.get("forget", [])
+    if robustness.rows == "rumour":
+        forget = [r for r in forget if r.get("rumour_kind") in ("visual", "textual")]
+    return forget[: robustness.limit]
+
+
+def _robustness(model, processor, rows, spec: EvalSpec, robustness: RobustnessSpec, out_dir: Path, result: SuiteResult) -> None:
+    forget = [r for r in attack_rows(rows, robustness) if r["modality"] in spec.modalities and r["form"] in spec.forms]
+    if not forget:
+        result.notes.append("robustness: no forget rows to attack")
+        return
+    model.eval()
+    examples = [r for r in rows.get("retain", []) if r["form"] == "gen" and r["modality"] == "text"][:3]
+    records = run_attacks(model, processor, forget, robustness.attacks, examples=examples,
+                          batch_size=spec.batch_size, max_new_tokens=spec.max_new_tokens)
+    result.attack_records += records
+    result.metrics |= _rates("robust/attack", records)
+    if robustness.quantise:
+        int8 = run_attacks(quantised_int8(model), processor, forget, ["none"], batch_size=spec.batch_size,
+                           max_new_tokens=spec.max_new_tokens)
+        result.metrics |= {k.replace("robust/int8/none", "robust/int8"): v for k, v in _rates("robust/int8", int8).items()}
+        backend = four_bit_backend()
+        result.notes.append(f"robustness: 4-bit quantisation skipped: no 4-bit backend installed" if backend is None
+                            else f"robustness: 4-bit backend {backend} present but not wired in; 4-bit skipped")
+    if robustness.logit_lens:
+        ranks = logit_lens(model, processor, [r for r in forget if r["form"] == "gen"])
+        result.metrics |= {f"robust/logit_lens/layer{layer}/mean_rank": v for layer, v in ranks.items()}
+    if robustness.mia and rows.get("test"):
+        members = [r for r in rows["forget"] if r["form"] == "gen"]
+        outsiders = [r for r in rows["test"] if r["form"] == "gen"]
+        result.metrics["privacy/mia_auc"] = mia_auc(model, processor, members, outsiders)
+    if robustness.relearn_steps:
+        curve = relearning_curve(model, processor, forget, robustness.relearn_steps, robustness.relearn_lr,
+                                 robustness.relearn_share, seed=0)
+        result.metrics |= {f"robust/relearn/k{k}/recovery": v for k, v in curve.items()}
+    if robustness.llm_judge.url:
+        cache = Path(robustness.llm_judge.cache or out_dir / "llm_judge_cache.json")
+        judge = LLMJudge(robustness.llm_judge, cache, os.environ.get(robustness.llm_judge.api_key_env))
+        result.metrics |= judge_records(judge, records, {r["id"]: r for r in forget})
+        failed = sum(1 for r in records if r.get("llm_error"))
+        if failed:
+            result.notes.append(f"llm judge: {failed} of {len(records)} items not scored (see attacks.jsonl llm_error)")
+
+
+def _rates(prefix: str, records: list[dict]) -> dict[str, float]:
+    """<prefix>/<attack>/recovery, …/<form>/recovery and …/<visual|textual>/recovery."""
+    out = {f"{prefix}/{a}/recovery": v for a, v in recovery_rates(records).items()}
+    for form in ("gen", "mcq"):
+        subset = [r for r in records if r["form"] == form]
+        out |= {f"{prefix}/{a}/{form}/recovery": v for a, v in recovery_rates(subset).items()}
+    for kind in ("visual", "textual"):
+        out |= {f"{prefix}/{a}/{kind}/recovery": v for a, v in recovery_rates(records, kind).items()}
+    return out
