@@ -49,6 +49,16 @@ def _error(status: int, message: str, kind: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
 
 
+@api.middleware("http")
+async def _body_limit(request: Request, call_next):
+    """Refuses bodies over `limits.max_body_bytes` from their declared length, before reading them."""
+    limit = request.app.state.max_body_bytes
+    size = request.headers.get("content-length", "0")
+    if not size.isdigit() or int(size) > limit:
+        return _error(413, f"request body: {size} bytes, limit {limit}", "invalid_request_error")
+    return await call_next(request)
+
+
 @api.exception_handler(ApiError)
 async def _api_error(_request, err: ApiError):
     return _error(err.status, err.message, err.kind)
@@ -88,6 +98,7 @@ class Probe:
         self.answer_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
         self.lock = asyncio.Lock()  # one batch uses the models at a time (loads may evict)
         self.loads = 0
+        self.batch_sizes: list[int] = []
 
     def _loader(self):
         async def load(model_id: str):
@@ -101,6 +112,7 @@ class Probe:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def answer_batch(self, jobs: list[Job]) -> list[dict]:
+        self.batch_sizes.append(len(jobs))
         async with self.lock:
             results: list[dict] = [{}] * len(jobs)
             names = list(dict.fromkeys(j.model for j in jobs))
@@ -124,8 +136,10 @@ class Probe:
             runner, processor = runner_for(await self.get_model(model))
             return await asyncio.to_thread(run_attacks, runner, processor, [row], names, max_new_tokens=max_new_tokens)
 
-    async def stats(self) -> dict:
-        return {"loads": self.loads}
+    async def stats(self, reset: bool = False) -> dict:
+        """Model loads so far, and the batch sizes since the last reset."""
+        sizes, self.batch_sizes = self.batch_sizes, ([] if reset else self.batch_sizes)
+        return {"loads": self.loads, "batches": len(sizes), "mean_batch_size": sum(sizes) / max(1, len(sizes))}
 
 
 @serve.deployment(max_ongoing_requests=512)
@@ -137,6 +151,7 @@ class Ingress:
         self.limits = self.settings.limits
         self.models = registry(self.settings)
         api.state.token = read_token(self.settings.token_file)
+        api.state.max_body_bytes = self.limits.max_body_bytes
         self._bench = None
 
     async def _ask(self, job: Job) -> dict:
