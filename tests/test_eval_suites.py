@@ -1,0 +1,152 @@
+"""Suites, the general-ability set, weight-level attacks and probes, summary scores, and the CLI."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from offside.data.general import CATEGORIES, general_rows
+from offside.data.loader import load_benchmark
+from offside.data.rows import materialise
+from offside.data.synth import generate
+from offside.errors import OffsideError
+from offside.eval.evaluate import EvalSpec
+from offside.eval.robustness import auc, logit_lens, quantised_int8, relearning_curve
+from offside.eval.suites import RobustnessSpec, UtilitySpec, run_suites
+from offside.eval.summary import robust_forget, summary_scores
+from offside.models.loading import ModelSpec, build_or_load
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    data = generate(tmp_path_factory.mktemp("d") / "bench", players=2, seed=11)
+    bench = load_benchmark(data)
+    rows = {s: materialise(bench[s]) for s in bench}
+    texts = [r[c] for split in rows.values() for r in split for c in ("question", "answer")]
+    model, processor = build_or_load(ModelSpec("tiny"), texts, seed=0)
+    return model.eval(), processor, rows, data
+
+
+def test_general_set_is_deterministic_and_well_formed():
+    first, again = general_rows(4, seed=1), general_rows(4, seed=1)
+    assert [r["question"] for r in first] == [r["question"] for r in again]
+    assert list(first[0]["image"].getdata()) == list(again[0]["image"].getdata())
+    assert len(first) == 4 * len(CATEGORIES) * 2
+    for row in first:
+        if row["form"] == "mcq":
+            assert len(set(row["options"])) == 4 and row["options"][row["correct"]] == row["answer"]
+    assert {r["kind"] for r in first} == set(CATEGORIES)
+    assert general_rows(4, seed=2)[0]["question"] != first[0]["question"] or \
+        list(general_rows(4, seed=2)[0]["image"].getdata()) != list(first[0]["image"].getdata())
+
+
+def test_all_suites_report_every_family_of_keys(setup, tmp_path):
+    model, processor, rows, _ = setup
+    spec = EvalSpec(batch_size=32)
+    result = run_suites(model, processor, rows, ["efficacy", "generalization", "utility", "robustness"], spec,
+                        UtilitySpec(general_scenes=4), RobustnessSpec(attacks=["none", "answer_forcing"], relearn_steps=[0, 1]),
+                        tmp_path)
+    m = result.metrics
+    for key in ("forget/image/all/mcq_acc", "relearn/text/all/rougeL", "test/image/all/mcq_acc", "retain/text/all/mcq_acc",
+                "general/image/all/mcq_acc", "general/image/count/rougeL", "robust/attack/none/recovery",
+                "robust/attack/answer_forcing/gen/recovery", "robust/attack/none/visual/recovery", "robust/int8/recovery",
+                "robust/relearn/k0/recovery", "robust/relearn/k1/recovery", "robust/logit_lens/layer1/mean_rank",
+                "privacy/mia_auc"):
+        assert key in m, key
+    assert all(0 <= v <= 1 for k, v in m.items() if k.endswith(("recovery", "mcq_acc", "mia_auc")))
+    rumour_rows = [r for r in rows["forget"] if r["rumour_kind"] != "none"]
+    assert len(result.attack_records) == 2 * len(rumour_rows)
+    assert any("4-bit" in n for n in result.notes)
+    # the unattacked recovery on mcq rows is the forget mcq accuracy on the same (rumour) rows
+    mcq = [r for r in result.attack_records if r["attack"] == "none" and r["form"] == "mcq"]
+    private = [p for p in result.predictions if p["split"] == "forget" and p["form"] == "mcq"
+               and p["id"] in {r["id"] for r in mcq}]
+    assert sum(r["rumour_recovered"] for r in mcq) == sum(p["mcq_acc"] for p in private)
+
+
+def test_split_suites_keep_the_evaluate_keys(setup, tmp_path):
+    model, processor, rows, _ = setup
+    spec = EvalSpec(batch_size=32, forms=["mcq"], modalities=["text"])
+    only = run_suites(model, processor, rows, ["generalization"], spec, UtilitySpec(), RobustnessSpec(), tmp_path)
+    assert only.metrics and all(k.startswith("test/text/") for k in only.metrics)
+
+
+def test_bad_suite_and_attack_names_are_clear_errors(setup, tmp_path):
+    model, processor, rows, _ = setup
+    with pytest.raises(OffsideError, match="suites: unknown \\['speed'\\]"):
+        run_suites(model, processor, rows, ["speed"], EvalSpec(), UtilitySpec(), RobustnessSpec(), tmp_path)
+    with pytest.raises(OffsideError, match="robustness.attacks: unknown"):
+        run_suites(model, processor, rows, ["robustness"], EvalSpec(), UtilitySpec(), RobustnessSpec(attacks=["x"]), tmp_path)
+
+
+def test_int8_copy_leaves_the_model_alone_and_stays_close(setup):
+    model, processor, rows, _ = setup
+    before = [p.clone() for p in model.parameters()][:3]
+    quantised = quantised_int8(model)
+    assert all(torch.equal(a, b) for a, b in zip(before, list(model.parameters())[:3]))
+    assert type(quantised.lm_head).__module__.startswith("torch.ao.nn.quantized")
+    enc = processor.encode(["What is the name of the player in the image?"], [rows["forget"][0]["image"]])
+    with torch.no_grad():
+        a, b = model(**enc.inputs).logits, quantised(**enc.inputs).logits
+    assert (a - b).abs().max() < 0.25 * a.abs().max()
+
+
+def test_logit_lens_last_layer_agrees_with_the_model(setup):
+    model, processor, rows, _ = setup
+    gen = [r for r in rows["forget"] if r["form"] == "gen" and r["rumour_kind"] != "none"][:4]
+    ranks = logit_lens(model, processor, gen)
+    assert sorted(ranks) == list(range(1, model.config.text_config.num_hidden_layers + 1))
+    row = gen[0]
+    opening = "He is going to play for" if row["field"] == "club_to" else None
+    if opening:
+        enc = processor.encode([row["question"]], [row["image"]], answers=[opening])
+        inputs = {k: v for k, v in enc.inputs.items() if k != "labels"}
+        with torch.no_grad():
+            logits = model(**inputs).logits[0, int(inputs["attention_mask"][0].sum()) - 2]
+        target = processor.tokenizer(" " + row["value"], add_special_tokens=False)["input_ids"][0]
+        assert logit_lens(model, processor, [row])[len(ranks)] == int((logits > logits[target]).sum())
+
+
+def test_relearning_curve_starts_at_the_unattacked_rate(setup):
+    model, processor, rows, _ = setup
+    forget = [r for r in rows["forget"] if r["rumour_kind"] != "none"]
+    before = [p.clone() for p in model.parameters()][:2]
+    curve = relearning_curve(model, processor, forget, [0, 1, 2], lr=1e-3, share=0.5)
+    assert sorted(curve) == [0, 1, 2] and all(0 <= v <= 1 for v in curve.values())
+    assert all(torch.equal(a, b) for a, b in zip(before, list(model.parameters())[:2]))  # trained a copy
+
+
+def test_auc():
+    assert auc([2.0, 3.0], [0.5, 1.0]) == 1.0
+    assert auc([0.5, 1.0], [2.0, 3.0]) == 0.0
+    assert auc([1.0], [1.0]) == 0.5
+    assert math.isnan(auc([], [1.0]))
+
+
+def test_summary_scores_robust_forget_is_the_worst_attack():
+    vanilla = {"forget/image/all/mcq_acc": 1.0, "retain/image/all/mcq_acc": 0.8, "test/image/all/mcq_acc": 0.6,
+               "general/image/all/mcq_acc": 0.5, "robust/attack/none/recovery": 0.8}
+    run = {"forget/image/all/mcq_acc": 0.2, "retain/image/all/mcq_acc": 0.8, "test/image/all/mcq_acc": 0.3,
+           "general/image/all/mcq_acc": 0.25, "robust/attack/none/recovery": 0.2,
+           "robust/attack/few_shot/recovery": 0.4, "robust/int8/recovery": 0.3, "robust/relearn/k4/recovery": 0.6}
+    scores = summary_scores(run, vanilla)
+    assert scores["summary/forget_efficacy"] == pytest.approx(0.8)
+    assert scores["summary/model_utility"] == pytest.approx(3 / (1 + 2 + 2))  # harmonic mean of 1, .5, .5
+    assert scores["summary/robust_forget"] == pytest.approx(1 - 0.6 / 0.8)
+    assert robust_forget(run, vanilla)[1] == "relearn k4"
+    without_general = {k: v for k, v in run.items() if not k.startswith("general")}
+    assert summary_scores(without_general, vanilla)["summary/model_utility"] == pytest.approx(2 / (1 + 2))
+    assert "summary/robust_forget" not in summary_scores({"forget/image/all/mcq_acc": 0.1, **without_general}, {
+        k: v for k, v in vanilla.items() if not k.startswith("robust")})
+
+
+def test_cli_rejects_an_unknown_suite(setup, tmp_path):
+    _, _, _, data = setup
+    proc = subprocess.run([sys.executable, "-m", "offside.cli", "eval", "--data", str(data), "--model", "nowhere",
+                           "--out", str(tmp_path / "e"), "--suite", "efficacy,speed"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == "offside: error: suites: unknown ['speed'] (valid: efficacy, generalization, utility, robustness)"
+    assert not (tmp_path / "e").exists()
