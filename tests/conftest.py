@@ -18,8 +18,9 @@ def quickstart_run(tmp_path_factory):
     """The README's main job, run once per test session: (output dir, its stdout). Later tests reuse
     its benchmark and vanilla model instead of training another."""
     out = tmp_path_factory.mktemp("qs") / "run"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # its unlearning sweep starts a local Ray
     proc = subprocess.run([sys.executable, "-m", "offside.cli", "quickstart", "--out", str(out)],
-                          capture_output=True, text=True, timeout=1500)
+                          capture_output=True, text=True, timeout=1500, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc.stdout
 

@@ -187,7 +187,8 @@ def max_epochs(config: SweepConfig) -> int:
 def trial_count(config: SweepConfig) -> int:
     if config.search != "grid":
         return config.num_samples
-    return math.prod(len(next(iter(d.values()))) for d in config.search_space.values())
+    implicit_methods = len(config.methods) if len(config.methods) > 1 and "method" not in config.search_space else 1
+    return implicit_methods * math.prod(len(next(iter(d.values()))) for d in config.search_space.values())
 
 
 def objective_value(metrics: dict[str, float], objective: ObjectiveSpec) -> float:
