@@ -11,7 +11,7 @@ from pathlib import Path
 
 from offside.config import from_dict, load_yaml
 from offside.data.scenarios import SCENARIOS
-from offside.data.schema import KINDS, MODALITIES, RUMOUR_KINDS
+from offside.data.schema import KINDS, RUMOUR_KINDS
 from offside.engine.trainer import TrainSpec
 from offside.errors import OffsideError
 from offside.eval.evaluate import EvalSpec, check

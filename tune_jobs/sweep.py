@@ -56,7 +56,7 @@ def run_sweep(config: SweepConfig | None = None, address: str | None = None, res
         grid = _tuner(config, sweep_dir, static, resume is not None, verbose).fit()
         return _finish(config, sweep_dir, uri, parent, grid, static)
     except BaseException:
-        if "static" in locals():
+        if "parent" in locals():
             tracking.MlflowClient(uri).set_terminated(parent, "KILLED")
         raise
     finally:
