@@ -123,7 +123,9 @@ class Probe:
                 chunk = set(names[start:start + capacity])
                 loaded = {name: await self.get_model(name) for name in chunk}
                 picked = [i for i, j in enumerate(jobs) if j.model in chunk]
-                answers = await asyncio.to_thread(self.pool.run, [jobs[i] for i in picked], loaded)
+                # Computed on the event loop, not in a thread: a Python-heavy forward in a thread starves the
+                # loop of the GIL, requests trickle in, and batches stayed at ~2 rows under load (measured).
+                answers = self.pool.run([jobs[i] for i in picked], loaded)
                 for i, answer in zip(picked, answers):
                     results[i] = answer
             return results
