@@ -51,7 +51,7 @@ def cmd_jobs_stop(args) -> None:
     print(stop_job(args.address, args.job_id))
 
 
-ADDRESS_HELP = "Ray dashboard URL, http://HEAD:8265 (default: $RAY_ADDRESS if it is a URL, else http://127.0.0.1:8265)"
+ADDRESS_HELP = "Ray dashboard URL, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS if a URL, else http://127.0.0.1:8265)"
 
 
 def add_commands(sub) -> None:

@@ -39,9 +39,11 @@ def _one_line(text: object) -> str:
 
 
 def resolve_address(address: str | None) -> str:
-    """--address, else $RAY_ADDRESS when it is a dashboard URL, else the local default."""
+    """--address, else $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS when it is a dashboard URL, else
+    the local default."""
     env_address = os.environ.get("RAY_ADDRESS", "")
-    value = address or (env_address if env_address.startswith(("http://", "https://")) else "") or DEFAULT_ADDRESS
+    value = (address or os.environ.get("RAY_API_SERVER_ADDRESS")
+             or (env_address if env_address.startswith(("http://", "https://")) else "") or DEFAULT_ADDRESS)
     if "://" not in value:
         value = f"http://{value}"
     parts = urlsplit(value)
@@ -101,8 +103,25 @@ def connect(address: str | None = None):
     _enable_token_auth_if_available()
     from ray.job_submission import JobSubmissionClient
 
-    with api_errors(address):
+    with api_errors(address), _only_address(address):
         return address, JobSubmissionClient(address)
+
+
+@contextmanager
+def _only_address(address: str):
+    """The Jobs client lets $RAY_API_SERVER_ADDRESS / $RAY_ADDRESS override the address it is given
+    (a job's own environment has RAY_ADDRESS set to its cluster): pin it to the one resolved here."""
+    saved = {name: os.environ.get(name) for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")}
+    os.environ["RAY_API_SERVER_ADDRESS"] = address
+    os.environ.pop("RAY_ADDRESS", None)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def load_runtime_env(path: str | Path) -> dict:
@@ -230,8 +249,8 @@ def follow(address: str | None, job_id: str, out=sys.stdout) -> str:
 
 def require_success(address: str | None, job_id: str, status: str) -> None:
     if status != "SUCCEEDED":
-        info = job_info(address, job_id)
-        raise OffsideError(f"job {job_id} {status}: {_one_line(info.message or 'no message')}")
+        message = (job_info(address, job_id).message or "no message").split(", last available logs")[0]
+        raise OffsideError(f"job {job_id} {status}: {_one_line(message)} (logs: offside jobs logs {job_id})")
 
 
 def job_info(address: str | None, job_id: str):

@@ -23,6 +23,7 @@ from pathlib import Path
 from offside.errors import OffsideError
 
 WORKER_PORTS_PER_NODE = 60
+MARKER_ENV = "OFFSIDE_LOCAL_CLUSTER"
 
 
 def free_port() -> int:
@@ -79,6 +80,10 @@ class LocalCluster:
         if self.auth_token:
             env["RAY_AUTH_TOKEN"] = self.auth_token
         env["RAY_USAGE_STATS_ENABLED"] = "0"
+        # Ray code that looks for "the" cluster (e.g. Train's placement-group cleaner) would otherwise
+        # find every Ray instance on the machine and give up.
+        env["RAY_ADDRESS"] = self.gcs_address
+        env[MARKER_ENV] = str(self.temp_dir)  # inherited by every process of this cluster, jobs included
         # the job driver and its workers find this interpreter's scripts first
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         return env
@@ -97,12 +102,24 @@ class LocalCluster:
         self._taken.add(port)
         return port
 
-    def _start(self, name: str, args: list[str]) -> None:
+    def _start(self, name: str, args: list[str], attempts: int = 2) -> None:
+        """Starts one node and waits until the cluster has it. `ray start` gives a raylet 30 s to
+        register, which a loaded machine can miss: a node that exits during start-up is retried."""
         ray = str(Path(sys.executable).parent / "ray")
-        log = open(self.temp_dir / f"{name}.log", "wb")
-        cmd = [ray, "start", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
-               f"--object-store-memory={self.object_store_bytes}", *self._ports(), *args]
-        self.processes.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env(), start_new_session=True))
+        for attempt in range(1, attempts + 1):
+            log = open(self.temp_dir / f"{name}.log", "ab")
+            cmd = [ray, "start", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
+                   f"--object-store-memory={self.object_store_bytes}", *self._ports(), *args]
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env(), start_new_session=True)
+            self.processes.append(proc)
+            try:
+                self.wait_for_nodes(len(self.processes))
+                return
+            except OffsideError:
+                if proc.poll() is None or attempt == attempts:
+                    raise
+                self.processes.remove(proc)
+                _end_group(proc)
 
     def start_head(self, num_cpus: int, resources: dict[str, float] | None = None) -> "LocalCluster":
         self.gcs_port, self.dashboard_port = self._port(), self._port()
@@ -110,13 +127,14 @@ class LocalCluster:
                              "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
                              f"--ray-client-server-port={self._port()}", f"--num-cpus={num_cpus}", "--num-gpus=0",
                              f"--resources={json.dumps(resources or {})}"])
-        self.wait_for_nodes(1)
         return self
 
     def add_worker(self, num_cpus: int, resources: dict[str, float] | None = None) -> "LocalCluster":
-        self._start(f"worker{len(self.processes)}", [f"--address={self.gcs_address}", f"--num-cpus={num_cpus}", "--num-gpus=0",
-                                                     f"--resources={json.dumps(resources or {})}"])
-        self.wait_for_nodes(len(self.processes))
+        name = f"worker{len(self.processes)}"
+        # A node of its own temp dir: nodes sharing one would share runtime-env dirs, and one node's
+        # garbage collection would delete a working dir another node's job is running in.
+        self._start(name, [f"--address={self.gcs_address}", f"--temp-dir={self.temp_dir / name}", f"--num-cpus={num_cpus}",
+                           "--num-gpus=0", f"--resources={json.dumps(resources or {})}"])
         return self
 
     def _get(self, path: str):
@@ -146,11 +164,11 @@ class LocalCluster:
         raise OffsideError(f"Ray cluster did not reach {count} nodes in {timeout_s:.0f}s; see {self.temp_dir}/*.log")
 
     def stop(self) -> None:
-        """Ends the process groups this cluster started, workers first, then any stray process that
-        carries this cluster's private temp dir (workers a raylet started in a new session)."""
+        """Ends the process groups this cluster started, workers first, then any stray process of this
+        cluster that left the group (job drivers and workers run in sessions of their own)."""
         for proc in reversed(self.processes):
             _end_group(proc)
-        for pid in _pids_mentioning(str(self.temp_dir)):
+        for pid in _pids_of(str(self.temp_dir)):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -181,13 +199,16 @@ def _end_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
     proc.wait()
 
 
-def _pids_mentioning(text: str) -> list[int]:
+def _pids_of(temp_dir: str) -> list[int]:
+    """Processes whose command line names the cluster's temp dir or whose environment carries its
+    marker; only this user's processes are readable."""
+    marker = f"{MARKER_ENV}={temp_dir}".encode()
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            if text.encode() in (entry / "cmdline").read_bytes():
+            if temp_dir.encode() in (entry / "cmdline").read_bytes() or marker in (entry / "environ").read_bytes().split(b"\0"):
                 pids.append(int(entry.name))
         except OSError:
             continue

@@ -51,7 +51,8 @@ def test_submit_wait_status_logs_list(token_cluster, tmp_path):
     assert str(out) in proc.stdout  # the job's own output, streamed back
     assert len(json.loads((out / "forget_set.json").read_text())) == 2 * 14  # 2 players x 1 forget image x 14 QAs
 
-    status = offside("jobs", "status", job_id, "--address", token_cluster.address, env=env)
+    elsewhere = {**env, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{free_port()}"}  # --address wins over it
+    status = offside("jobs", "status", job_id, "--address", token_cluster.address, env=elsewhere)
     assert status.returncode == 0 and status.stdout.startswith("SUCCEEDED"), status.stderr
     logs = offside("jobs", "logs", job_id, "--address", token_cluster.address, env=env)
     assert "-m offside.cli data synth" in logs.stdout and str(out) in logs.stdout
@@ -105,6 +106,7 @@ def test_missing_and_wrong_tokens_are_clear_errors(token_cluster, tmp_path):
 def no_auth(monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
 
 
 def run_main(capsys, *args) -> tuple[int, str]:
