@@ -60,7 +60,7 @@ def add_commands(sub) -> None:
                             description="offside submit [--address URL] [--runtime-env FILE] [--wait] -- <offside command>")
     submit.add_argument("--address", help=ADDRESS_HELP)
     submit.add_argument("--runtime-env", metavar="FILE", help="Ray runtime env YAML (env_vars, working_dir, pip, ...)")
-    submit.add_argument("--working-dir", default=".", help="directory uploaded as the job's working dir (default: .)")
+    submit.add_argument("--working-dir", help="directory uploaded as the job's working dir (default: the runtime env's, else .)")
     submit.add_argument("--env", action="append", metavar="NAME=VALUE", help="environment variable for the job (repeatable)")
     submit.add_argument("--python", help="interpreter on the cluster that has offside installed (default: `python` on the cluster's PATH)")
     submit.add_argument("--wait", action="store_true", help="stream the job's logs and exit non-zero unless it SUCCEEDED")

@@ -195,11 +195,11 @@ def parse_env(items: list[str]) -> dict[str, str]:
 
 
 def build_runtime_env(runtime_env_file: str | None, working_dir: str | None, env: dict[str, str]) -> dict:
-    """The file's runtime env; --working-dir and --env on top; MLFLOW_TRACKING_URI and
-    OFFSIDE_EXPERIMENT from this shell where the file does not set them."""
+    """The file's runtime env; --env on top; MLFLOW_TRACKING_URI and OFFSIDE_EXPERIMENT from this
+    shell where the file does not set them. Working dir: --working-dir, else the file's, else '.'."""
     runtime_env = load_runtime_env(runtime_env_file) if runtime_env_file else {}
-    if working_dir is not None:
-        runtime_env = validate_runtime_env({**runtime_env, "working_dir": working_dir}, "--working-dir")
+    if working_dir is not None or "working_dir" not in runtime_env:
+        runtime_env = validate_runtime_env({**runtime_env, "working_dir": working_dir or "."}, "--working-dir")
     env_vars = dict(runtime_env.get("env_vars") or {})
     for name in FORWARDED_ENV:
         if name not in env_vars and os.environ.get(name):
@@ -214,7 +214,7 @@ def submit(
     command: list[str],
     address: str | None = None,
     runtime_env_file: str | None = None,
-    working_dir: str | None = ".",
+    working_dir: str | None = None,
     env: dict[str, str] | None = None,
     python: str | None = None,
 ) -> tuple[str, str]:

@@ -152,3 +152,14 @@ def test_submit_needs_a_command_and_a_valid_env_flag(no_auth, capsys):
     assert code == 2 and "nothing to submit" in err
     code, err = run_main(capsys, "submit", "--env", "NOVALUE", "--", "data", "synth", "--out", "x")
     assert code == 2 and "--env 'NOVALUE': expected NAME=VALUE" in err
+
+
+def test_working_dir_comes_from_the_flag_else_the_file_else_here(no_auth, tmp_path):
+    from cluster.jobs import build_runtime_env
+
+    (tmp_path / "code").mkdir()
+    path = tmp_path / "runtime_env.yaml"
+    path.write_text(f"working_dir: {tmp_path / 'code'}\n")
+    assert build_runtime_env(None, None, {})["working_dir"] == "."
+    assert build_runtime_env(str(path), None, {})["working_dir"] == str(tmp_path / "code")
+    assert build_runtime_env(str(path), str(tmp_path), {})["working_dir"] == str(tmp_path)
