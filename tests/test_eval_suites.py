@@ -43,6 +43,7 @@ def test_general_set_is_deterministic_and_well_formed():
         list(general_rows(4, seed=2)[0]["image"].getdata()) != list(first[0]["image"].getdata())
 
 
+@pytest.mark.slow
 def test_all_suites_report_every_family_of_keys(setup, tmp_path):
     model, processor, rows, _ = setup
     spec = EvalSpec(batch_size=32, limit=6, max_new_tokens=6)  # an untrained model never stops early
@@ -110,6 +111,7 @@ def test_logit_lens_last_layer_agrees_with_the_model(setup):
         assert logit_lens(model, processor, [row])[len(ranks)] == int((logits > logits[target]).sum())
 
 
+@pytest.mark.slow
 def test_relearning_curve_starts_at_the_unattacked_rate(setup):
     model, processor, rows, _ = setup
     forget = [r for r in rows["forget"] if r["rumour_kind"] != "none"]
