@@ -5,6 +5,7 @@ An unknown key or a wrong type is an OffsideError naming the key path and the fi
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -37,6 +38,9 @@ def from_dict(cls: type[T], data: Any, source: str = "<config>", path: str = "")
     return cls(**values)
 
 
+_EXPONENT_FLOAT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
+
+
 def _coerce(hint: Any, value: Any, source: str, path: str) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
@@ -56,6 +60,8 @@ def _coerce(hint: Any, value: Any, source: str, path: str) -> Any:
         return dict(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads `1e-4` (no dot) as a string
     if hint in (int, float, str, bool) and (not isinstance(value, hint) or (hint is int and isinstance(value, bool))):
         raise OffsideError(f"{source}: '{path}' must be {hint.__name__}, got {value!r}")
     return value

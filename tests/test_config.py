@@ -38,3 +38,11 @@ def test_partial_section_keeps_that_sections_defaults():
     config = from_dict(RelearnConfig, {"train": {"lr": 1e-3}, "model": {"name": "m"}}, "cfg")
     assert config.train.lr == 1e-3 and config.train.epochs == 6  # the published relearning epochs stay
     assert config.model.name == "m" and config.model.freeze_vision is True
+
+
+def test_exponent_floats_without_a_dot_are_floats():
+    from offside.engine.trainer import TrainSpec
+
+    assert from_dict(TrainSpec, {"lr": "4e-4"}).lr == 4e-4  # YAML 1.1 reads 4e-4 as a string
+    with pytest.raises(OffsideError, match="'lr' must be float"):
+        from_dict(TrainSpec, {"lr": "fast"})
