@@ -15,7 +15,6 @@ from golden_run import GOLDEN, TOLERANCE, golden_metrics  # noqa: E402
 pytestmark = pytest.mark.skipif(not GOLDEN.is_file(), reason=f"{GOLDEN} not generated yet: run python tests/golden/golden_run.py")
 
 
-@pytest.mark.slow
 def test_golden_metrics_reproduce(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     expected = json.loads(GOLDEN.read_text())

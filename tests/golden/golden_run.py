@@ -1,4 +1,4 @@
-"""The pinned golden run: 2 synthetic players (seed 7), the tiny model fine-tuned 4 epochs (seed 0),
+"""The pinned golden run: 2 synthetic players (seed 7), the tiny model fine-tuned 15 epochs (seed 0),
 then every suite (robustness without the relearning curve). `python tests/golden/golden_run.py`
 rewrites tests/golden/metrics.json — only when a metric change is intended; say so in the commit."""
 
@@ -22,7 +22,7 @@ TOLERANCE = 1e-3  # absolute, on every metric (CPU, same seed: differences come 
 
 def golden_metrics(work: Path) -> dict[str, float]:
     data = generate(work / "data", players=2, seed=7)
-    train = TrainSpec(epochs=4, lr=3e-3, batch_size=16, seed=0, warmup_ratio=0.05)
+    train = TrainSpec(epochs=15, lr=3e-3, batch_size=16, seed=0, warmup_ratio=0.05)
     finetune(FinetuneConfig(data=str(data), out=str(work / "vanilla"), model=ModelSpec("tiny"), train=train), progress=False)
     config = EvalConfig(data=str(data), out=str(work / "eval"), model=ModelSpec(str(work / "vanilla")),
                         eval=EvalSpec(batch_size=32), suites=list(SUITES),
