@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -214,27 +215,34 @@ def run_stage(stage: str, config, tags: dict[str, str], body: Callable[[Path, Ru
     """Runs `body` in a temp directory beside `config.out` and renames it into place on success;
     on failure the temp directory is removed and the MLflow run is marked FAILED."""
     out = check_out(config.out)
+    started = time.time()
+    with atomic_dir(out) as tmp, stage_run(out.parent, out.name, to_dict(config), tags) as run:
+        (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        metrics = body(tmp, run)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        manifest = _manifest(stage, config, started, run.run_id)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        run.log_metrics(metrics)
+        run.log_artifacts(tmp)
+    return StageResult(out, run.run_id, metrics)
+
+
+@contextmanager
+def atomic_dir(out: Path):
+    """Yields a hidden temp directory beside `out`, renamed to `out` when the block succeeds and
+    removed when it fails, so a reader never sees a half-written run."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    started = time.time()
     try:
-        with stage_run(out.parent, out.name, to_dict(config), tags) as run:
-            (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-            metrics = body(tmp, run)
-            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-            manifest = _manifest(stage, config, started, run.run_id)
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-            run.log_metrics(metrics)
-            run.log_artifacts(tmp)
-            if out.exists():
-                out.rmdir()
-            tmp.rename(out)
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return StageResult(out, run.run_id, metrics)
 
 
 def check_out(out: str) -> Path:

@@ -14,8 +14,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import yaml
 
 from offside.errors import OffsideError
 from offside.eval.summary import attack_recoveries, summary_scores
+from offside.stages import atomic_dir
 from offside.tracking import stage_run, tracking_uri
 
 PLOTS = ("efficacy_vs_utility.png", "relearn_curves.png", "attack_heatmap.png")
@@ -220,23 +219,13 @@ def make_report(config: ReportConfig) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise OffsideError(f"{out}: already exists; a stage never overwrites another run's directory")
     runs = collect(config)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        with stage_run(out.parent, out.name, {"runs": config.runs, "vanilla": config.vanilla}, {"stage": "report"}) as run:
-            plots = plot_all(runs, tmp)
-            (tmp / "leaderboard.md").write_text(leaderboard_md(runs))
-            (tmp / "report.html").write_text(report_html(runs, plots))
-            (tmp / "summary.json").write_text(json.dumps(
-                {r.name: {**r.summary, "worst_attack": r.worst_attack} for r in runs}, indent=2) + "\n")
-            run.log_artifacts(tmp)
-            if out.exists():
-                out.rmdir()
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_dir(out) as tmp, stage_run(out.parent, out.name, {"runs": config.runs, "vanilla": config.vanilla},
+                                           {"stage": "report"}) as run:
+        plots = plot_all(runs, tmp)
+        (tmp / "leaderboard.md").write_text(leaderboard_md(runs))
+        (tmp / "report.html").write_text(report_html(runs, plots))
+        (tmp / "summary.json").write_text(json.dumps(
+            {r.name: {**r.summary, "worst_attack": r.worst_attack} for r in runs}, indent=2) + "\n")
+        run.log_artifacts(tmp)
     print(f"report: {out} (MLflow {tracking_uri(out.parent)}, run {run.run_id})")
     return out
