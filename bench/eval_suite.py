@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from eval_throughput import published_gen, published_mcq  # noqa: E402
+from eval_throughput import load_model, published_gen, published_mcq  # noqa: E402
 
 from offside.data.general import general_rows  # noqa: E402
 from offside.data.loader import load_benchmark  # noqa: E402
@@ -33,7 +33,6 @@ from offside.data.rows import materialise  # noqa: E402
 from offside.data.synth import generate as synthesise  # noqa: E402
 from offside.eval.evaluate import EvalSpec  # noqa: E402
 from offside.eval.suites import SUITE_SPLITS, SUITES, RobustnessSpec, UtilitySpec, attack_rows, run_suites  # noqa: E402
-from offside.models.loading import ModelSpec, build_or_load  # noqa: E402
 
 QUICKSTART = Path("runs/quickstart")
 TARGET_S = 300.0
@@ -68,12 +67,7 @@ def main() -> int:
         data = args.data or synthesise(os.path.join(tmp, "bench"), players=12, seed=0)
         bench = load_benchmark(data)
         rows = {s: materialise(bench[s]) for s in bench}
-        if args.model:
-            model, processor = build_or_load(ModelSpec(args.model))
-        else:
-            texts = [t for split in bench.values() for column in ("question", "answer") for t in split[column]]
-            model, processor = build_or_load(ModelSpec("tiny"), texts)
-        model.eval()
+        model, processor = load_model(bench, args.model)
         spec, utility, robustness = EvalSpec(), UtilitySpec(), RobustnessSpec()
         table = {}
         for suite in SUITES:

@@ -49,6 +49,17 @@ def timed(fn):
     return time.perf_counter() - start
 
 
+def load_model(bench, name: str | None):
+    """The model under test in eval mode: a saved one, or a fresh tiny model with a tokenizer built on
+    the benchmark's text."""
+    if name:
+        model, processor = build_or_load(ModelSpec(name))
+    else:
+        texts = [t for split in bench.values() for column in ("question", "answer") for t in split[column]]
+        model, processor = build_or_load(ModelSpec("tiny"), texts)
+    return model.eval(), processor
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model")
@@ -61,12 +72,7 @@ def main() -> int:
         data = args.data or synthesise(os.path.join(tmp, "bench"), players=8, seed=0)
         bench = load_benchmark(data)
         rows = materialise(bench["retain"]) + materialise(bench["forget"])
-        if args.model:
-            model, processor = build_or_load(ModelSpec(args.model))
-        else:
-            texts = [t for split in bench.values() for column in ("question", "answer") for t in split[column]]
-            model, processor = build_or_load(ModelSpec("tiny"), texts)
-        model.eval()
+        model, processor = load_model(bench, args.model)
         mcq = [r for r in rows if r["form"] == "mcq"][: args.mcq]
         gen = [r for r in rows if r["form"] == "gen"][: args.gen]
         spec = EvalSpec(max_new_tokens=MAX_NEW_TOKENS)
