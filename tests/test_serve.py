@@ -283,7 +283,7 @@ def test_yaml_config_builds_the_app(models):
     args = app["args"] | {"models": {"a1": str(root / "a1"), "vanilla": str(root / "base")}, "data": str(data)}
     assert isinstance(build(args), Application)
     with pytest.raises(OffsideError, match="models.a1"):
-        build(app["args"] | {"models": {"a1": str(root / "missing")}})
+        build(app["args"] | {"models": {"a1": str(root / "missing")}, "data": str(data)})
     with pytest.raises(OffsideError, match="unknown key 'batchin'"):
         build(app["args"] | {"batchin": True})
 

@@ -120,6 +120,13 @@ def _cli(config_path: Path, *extra: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def _json_or_none(line: str) -> dict:
+    try:
+        return json.loads(line)
+    except ValueError:  # empty, or being written
+        return {}
+
+
 def _wait_for(condition, timeout: float, proc: subprocess.Popen):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -141,12 +148,16 @@ def test_killed_worker_resumes_its_trial_from_the_checkpoint(tmp_path, tiny_vani
     proc = _cli(path)
     workers = tmp_path / "tune" / "s" / "workers"
 
-    def rank1_after_epoch1():
+    def rank1_after_a_committed_epoch():
+        # Tune's result.json gets an epoch only once Train has registered that epoch's checkpoint;
+        # a kill between a rank's report and the registration would legitimately redo the epoch.
         files = list(workers.glob("*/rank1.json"))
         record = json.loads(files[0].read_text()) if files else {}
-        return record if record.get("epoch", 0) >= 1 else None
+        results = list((tmp_path / "tune" / "s").glob("run_trial_*/result.json"))
+        committed = [_json_or_none(line).get("epoch", 0) for line in results[0].read_text().splitlines()] if results else []
+        return record if record.get("epoch", 0) >= 1 and committed and max(committed) >= record["epoch"] else None
 
-    victim = _wait_for(rank1_after_epoch1, 900, proc)
+    victim = _wait_for(rank1_after_a_committed_epoch, 900, proc)
     os.kill(victim["pid"], signal.SIGKILL)
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-3000:]
