@@ -112,12 +112,6 @@ def cmd_matrix(args) -> None:
     run_matrix(_config(MatrixConfig, args, MATRIX_FLAGS, recipe_config(args.recipe) if args.recipe else None))
 
 
-def cmd_quickstart(args) -> None:
-    from offside.quickstart import quickstart
-
-    quickstart(args.out, players=args.players, seed=args.seed)
-
-
 def _names(value: str) -> list[str]:
     return [v for v in value.split(",") if v]
 
@@ -171,11 +165,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     matrix = _stage_parser(sub, "matrix", "every method × scenario from one vanilla model → leaderboard", MATRIX_FLAGS, cmd_matrix)
     matrix.add_argument("--recipe", choices=["published", "tiny"], help="training specs and method arguments to start from")
-    quick = sub.add_parser("quickstart", help="synthetic data → vanilla → GA, GD → eval → leaderboard")
-    quick.add_argument("--out", required=True)
-    quick.add_argument("--players", type=int, default=12)
-    quick.add_argument("--seed", type=int, default=0)
-    quick.set_defaults(func=cmd_quickstart)
 
     for module in COMMAND_PACKAGES:
         importlib.import_module(module).add_commands(sub)

@@ -14,6 +14,18 @@ def add_commands(sub) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. name=s2 or num_samples=8")
     p.set_defaults(func=cmd_tune)
 
+    quick = sub.add_parser("quickstart", help="synthetic data → vanilla → GA, GD (a local sweep) → eval → leaderboard")
+    quick.add_argument("--out", required=True)
+    quick.add_argument("--players", type=int, default=12)
+    quick.add_argument("--seed", type=int, default=0)
+    quick.set_defaults(func=cmd_quickstart)
+
+
+def cmd_quickstart(args) -> None:
+    from tune_jobs.quickstart import quickstart
+
+    quickstart(args.out, players=args.players, seed=args.seed)
+
 
 def cmd_tune(args) -> None:
     from offside.cli import _overrides

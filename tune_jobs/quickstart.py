@@ -21,6 +21,8 @@ from offside.models.loading import ModelSpec
 from offside.recipes import TINY_UNLEARN, TINY_VANILLA
 from offside.report import leaderboard
 from offside.stages import EvalConfig, FinetuneConfig, evaluate_model, finetune
+from tune_jobs.spec import ResourceSpec, SchedulerSpec, SweepConfig, validate
+from tune_jobs.sweep import export_model, run_sweep
 
 QUICKSTART_METHODS = ("ga", "gd")
 
@@ -52,10 +54,6 @@ def quickstart(out: str | Path, players: int = 12, seed: int = 0) -> list[dict]:
 
 
 def _unlearn_sweep(out: Path, data: Path, vanilla: Path) -> dict[str, Path]:
-    # tune_jobs imports ray only inside its functions; the library itself stays free of ray.
-    from tune_jobs.spec import ResourceSpec, SchedulerSpec, SweepConfig, validate
-    from tune_jobs.sweep import export_model, run_sweep
-
     config = SweepConfig(
         name="unlearn-sweep", storage=str(out), data=str(data), vanilla=str(vanilla), methods=list(QUICKSTART_METHODS),
         train=TINY_UNLEARN, search="grid", search_space={"method": {"grid": list(QUICKSTART_METHODS)}},
