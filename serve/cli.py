@@ -42,9 +42,9 @@ def cmd_serve(args) -> None:
 
     from serve.local import start, stop
 
-    url = start(serve_args(args), args.port, args.host)
-    print(f"[offside] serving on {url} (OpenAPI: {url}/docs); Ctrl-C stops", flush=True)
-    try:
+    try:  # Ctrl-C is a clean stop at any point, also while Serve is still starting
+        url = start(serve_args(args), args.port, args.host)
+        print(f"[offside] serving on {url} (OpenAPI: {url}/docs); Ctrl-C stops", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
