@@ -288,7 +288,6 @@ def test_yaml_config_builds_the_app(models):
         build(app["args"] | {"batchin": True})
 
 
-@pytest.mark.slow  # starts a second Ray + Serve in a subprocess; its shutdown timed out twice on a loaded machine
 def test_offside_serve_command_serves_until_interrupted(models):
     root, data = models
     port = _free_port()
