@@ -48,3 +48,19 @@ def local_ray_env(monkeypatch):
     process and the subprocesses and Ray workers it starts."""
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+
+
+def untrained_tiny_bench(root, seed: int):
+    """A 2-player synthetic benchmark and a freshly built (untrained) tiny model in eval mode:
+    (model, processor, rows per split, data dir). For tests of evaluation machinery, not of skill."""
+    from offside.data.loader import load_benchmark
+    from offside.data.rows import materialise
+    from offside.data.synth import generate
+    from offside.models.loading import ModelSpec, build_or_load
+
+    data = generate(root / "bench", players=2, seed=seed)
+    bench = load_benchmark(data)
+    rows = {s: materialise(bench[s]) for s in bench}
+    texts = [r[c] for split in rows.values() for r in split for c in ("question", "answer")]
+    model, processor = build_or_load(ModelSpec("tiny"), texts, seed=0)
+    return model.eval(), processor, rows, data

@@ -2,13 +2,10 @@
 rows and batches; recovery is judged per form."""
 
 import pytest
+from conftest import untrained_tiny_bench
 
-from offside.data.loader import load_benchmark
-from offside.data.rows import materialise
-from offside.data.synth import generate
 from offside.errors import OffsideError
 from offside.eval.attacks import ATTACKS, AttackContext, attack, facts_of, question_card, recovered, recovery_rates, run_attacks
-from offside.models.loading import ModelSpec, build_or_load
 from offside.models.processor import Chat
 
 EXPECTED = {"none", "paraphrase", "roleplay", "system_override", "context_priming", "language_es", "few_shot",
@@ -17,12 +14,8 @@ EXPECTED = {"none", "paraphrase", "roleplay", "system_override", "context_primin
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    data = generate(tmp_path_factory.mktemp("d") / "bench", players=2, seed=5)
-    bench = load_benchmark(data)
-    rows = {s: materialise(bench[s]) for s in bench}
-    texts = [r[c] for split in rows.values() for r in split for c in ("question", "answer")]
-    model, processor = build_or_load(ModelSpec("tiny"), texts, seed=0)
-    return model.eval(), processor, rows
+    model, processor, rows, _ = untrained_tiny_bench(tmp_path_factory.mktemp("d"), seed=5)
+    return model, processor, rows
 
 
 def _rumour_rows(rows, form, modality="image"):

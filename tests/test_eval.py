@@ -2,26 +2,20 @@
 one-example-at-a-time scoring."""
 
 import pytest
+from conftest import untrained_tiny_bench
 import torch
 
-from offside.data.loader import load_benchmark
-from offside.data.rows import materialise
 from offside.data.synth import generate
 from offside.eval.evaluate import EvalSpec, evaluate
 from offside.eval.metrics import METRICS, bleu, rouge_l
 from offside.eval.scoring import generate as generate_answers
 from offside.eval.scoring import option_logliks, parse_choice
-from offside.models.loading import ModelSpec, build_or_load
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    data = generate(tmp_path_factory.mktemp("d") / "bench", players=2, seed=3)
-    bench = load_benchmark(data)
-    rows = {s: materialise(bench[s]) for s in bench}
-    texts = [r[c] for split in rows.values() for r in split for c in ("question", "answer")]
-    model, processor = build_or_load(ModelSpec("tiny"), texts, seed=0)
-    return model.eval(), processor, rows
+    model, processor, rows, _ = untrained_tiny_bench(tmp_path_factory.mktemp("d"), seed=3)
+    return model, processor, rows
 
 
 def test_empty_generation_scores_zero_not_dropped():

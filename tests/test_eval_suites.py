@@ -6,28 +6,20 @@ import subprocess
 import sys
 
 import pytest
+from conftest import untrained_tiny_bench
 import torch
 
 from offside.data.general import CATEGORIES, general_rows
-from offside.data.loader import load_benchmark
-from offside.data.rows import materialise
-from offside.data.synth import generate
 from offside.errors import OffsideError
 from offside.eval.evaluate import EvalSpec, predict
 from offside.eval.robustness import auc, logit_lens, quantised_int8, relearning_curve
 from offside.eval.suites import RobustnessSpec, UtilitySpec, run_suites
 from offside.eval.summary import robust_forget, summary_scores
-from offside.models.loading import ModelSpec, build_or_load
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    data = generate(tmp_path_factory.mktemp("d") / "bench", players=2, seed=11)
-    bench = load_benchmark(data)
-    rows = {s: materialise(bench[s]) for s in bench}
-    texts = [r[c] for split in rows.values() for r in split for c in ("question", "answer")]
-    model, processor = build_or_load(ModelSpec("tiny"), texts, seed=0)
-    return model.eval(), processor, rows, data
+    return untrained_tiny_bench(tmp_path_factory.mktemp("d"), seed=11)
 
 
 def test_general_set_is_deterministic_and_well_formed():
