@@ -1,4 +1,5 @@
-"""The main job end to end, as the README runs it: `offside quickstart` on embedded defaults.
+"""The main job end to end, as the README runs it: `offside quickstart` on embedded defaults, and a
+report over its evaluations.
 
 The tiny vanilla model must know the benchmark (forget and retain ≥ 0.9 multiple-choice accuracy,
 image form) and recognise the players in new photos (test ≥ 0.6; chance is 0.25); GA must lower
@@ -54,3 +55,15 @@ def test_every_stage_is_a_finished_mlflow_run(quickstart_run):
     assert {r.data.tags.get("method") for r in trials} == {"ga", "gd"}
     assert all(r.data.tags["mlflow.parentRunId"] == sweep.info.run_id for r in trials)
     assert (out / "unlearn-sweep" / "results.csv").exists()
+
+
+def test_report_reads_method_and_seed_of_the_models_the_sweep_exported(quickstart_run, tmp_path):
+    from offside.report.report import ReportConfig, make_report
+
+    out, _ = quickstart_run
+    report = make_report(ReportConfig(runs=[str(out / f"eval-{n}") for n in ("vanilla", "ga", "gd")], out=str(tmp_path / "report")))
+    board = (report / "leaderboard.md").read_text()
+    assert "| eval-vanilla | none | none |" in board
+    for method in ("ga", "gd"):
+        row = next(line for line in board.splitlines() if line.startswith(f"| eval-{method} |"))
+        assert row.startswith(f"| eval-{method} | {method} | complete |") and "| 0 |" in row  # seed 0

@@ -64,8 +64,7 @@ def _unlearn_sweep(out: Path, data: Path, vanilla: Path) -> dict[str, Path]:
     result = run_sweep(config, verbose=0)
     if not result.complete:
         raise OffsideError(f"quickstart: the unlearning sweep did not finish ({result.sweep_dir})")
-    static = {"vanilla": str(vanilla)}
-    return {row["settings"]["method"]: export_model(row, static, out / row["settings"]["method"])
+    return {row["settings"]["method"]: export_model(row, config, out / row["settings"]["method"])
             for row in sorted(result.trials, key=lambda r: QUICKSTART_METHODS.index(r["settings"]["method"]))}
 
 

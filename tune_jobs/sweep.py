@@ -246,7 +246,7 @@ def _finish(config: SweepConfig, sweep_dir: Path, uri: str, parent: str, grid, s
     best = max(rows, key=lambda r: r["objective"])
     write_results(config, sweep_dir, rows, best)
     if config.export_best:
-        export_model(best, static, sweep_dir / "best_model")
+        export_model(best, config, sweep_dir / "best_model")
         client.set_tag(parent, "best_model", str(sweep_dir / "best_model"))
     client.set_tag(parent, "best_checkpoint", best["checkpoint_path"])
     client.set_tag(parent, "best_trial", best["trial_id"])
@@ -331,7 +331,7 @@ def _plot(rows: list[dict], front: set[str], a: str, b: str, path: Path) -> None
     plt.close(fig)
 
 
-def export_model(row: dict, static: dict, out: Path) -> Path:
+def export_model(row: dict, config: SweepConfig, out: Path) -> Path:
     """Rebuilds the trial's model (vanilla + its LoRA settings) and loads the weights of its best
     epoch's DeepSpeed checkpoint; saves a model directory that loads by path (LoRA merged)."""
     import torch
@@ -343,11 +343,18 @@ def export_model(row: dict, static: dict, out: Path) -> Path:
     states = checkpoint / latest.read_text().strip() / "mp_rank_00_model_states.pt"
     settings = row["settings"]
     lora = from_dict(LoraSpec, settings["lora"]) if settings.get("lora") else None
-    model, processor = build_or_load(ModelSpec(static["vanilla"], lora=lora))
+    model, processor = build_or_load(ModelSpec(config.vanilla, lora=lora))
     model.load_state_dict(torch.load(states, map_location="cpu", weights_only=False)["module"])
     tmp = out.parent / f".{out.name}.partial"
     tmp.mkdir(parents=True, exist_ok=True)
     save(model, processor, tmp)
     (tmp / "trial.json").write_text(json.dumps({k: row[k] for k in ("trial_id", "epoch", "objective", "settings")}, indent=2) + "\n")
+    # The provenance files an `offside unlearn` directory has, so `offside report` reads the
+    # method, scenario and seed of an exported model like any other.
+    provenance = {"data": config.data, "model": {"name": config.vanilla}, "scenario": config.scenario, **settings}
+    (tmp / "config.yaml").write_text(yaml.safe_dump(provenance, sort_keys=False))
+    (tmp / "manifest.json").write_text(json.dumps({"stage": "unlearn", "seed": settings["train"]["seed"],
+                                                   "sweep": config.name, "trial_id": row["trial_id"], "epoch": row["epoch"]},
+                                                  indent=2) + "\n")
     tmp.rename(out)
     return out
