@@ -21,7 +21,9 @@ PUBLISHED_RELEARN = TrainSpec(epochs=6, lr=1e-4, batch_size=8, warmup_ratio=0.05
 # benchmark: forget/retain/test 0.97/0.99/0.78 without, 0.88/0.86/0.73 with).
 TINY_VANILLA = TrainSpec(epochs=40, lr=3e-3, batch_size=32, warmup_ratio=0.05, schedule="cosine", weight_decay=0.0)
 TINY_UNLEARN = TrainSpec(epochs=1, lr=4e-4, batch_size=16, warmup_ratio=0.0, schedule="constant", weight_decay=0.0)
-TINY_RELEARN = replace(PUBLISHED_RELEARN, lr=1e-3)
+# Relearning at 3e-4 learns the true facts (relearn accuracy ≈0.42 → 0.72–0.90) without the collateral
+# loss 1e-3 caused (retain 0.87 → 0.71 for GD, the relearn set being all the model sees for 250 steps).
+TINY_RELEARN = replace(PUBLISHED_RELEARN, lr=3e-4)
 # Method hyperparameters whose published scale assumes a 7B model's activations.
 TINY_METHOD_ARGS = {"rmu": {"steering": 20.0, "alpha": 1.0}, "mm_saliency": {"keep_ratio": 0.2}}
 # Learning rates that bring every method to a comparable depth of forgetting in its 8 steps: the

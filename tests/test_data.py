@@ -140,6 +140,9 @@ def test_scenarios(full_ds):
     f, r = select(full_ds, "selective")
     assert set(f["kind"]) == {"private"} and len(f) == 80 * 6 * 4
     assert len(r) == len(full_ds["retain"]) + 80 * 8 * 4
+    f, r = select(full_ds, "unimodal")  # only the forget data changes: its text-only twins
+    assert set(f["modality"]) == {"text"} and len(f) == len(full_ds["forget"]) // 2
+    assert len(r) == len(full_ds["retain"]) and set(r["modality"]) == {"image", "text"}
     with pytest.raises(OffsideError, match="complete, selective"):
         select(full_ds, "nope")
     assert SCENARIOS[:2] == ("complete", "selective")

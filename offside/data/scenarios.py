@@ -44,8 +44,11 @@ def _text_only(ds: datasets.Dataset, scenario: str, split: str) -> datasets.Data
 
 
 def _unimodal(ds: datasets.DatasetDict) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """Unlearn from the text-only twins alone; evaluation still covers image and text queries."""
-    return _text_only(ds["forget"], "unimodal", "forget"), _text_only(ds["retain"], "unimodal", "retain")
+    """Unlearn from the text-only twins of the forget data; evaluation still covers image and text
+    queries. The retain data is `complete`'s (both forms), so the two scenarios differ only in what is
+    forgotten: with a text-only retain set, methods with a retain term lost their image-form anchor
+    and forgot the image form *more* than `complete` (measured on the tiny model: GD 0.536 vs 0.655)."""
+    return _text_only(ds["forget"], "unimodal", "forget"), ds["retain"]
 
 
 def _relearning(ds: datasets.DatasetDict) -> tuple[datasets.Dataset, datasets.Dataset]:
