@@ -1,9 +1,13 @@
 """ASHA vs full grid on the same search space: trial-epochs, wall time and the best objective each finds.
 
-Both sweeps enumerate the same grid (learning rate × method); the ASHA one stops trials early on the
-epoch counter. Target: ASHA's best objective within 2 % of the grid's using ≤ 50 % of its trial-epochs.
+Both sweeps enumerate the same grid (method × learning rate), one trial at a time so the order is
+the same; the ASHA one stops trials early on the epoch counter (rungs at grace_period·rf^k epochs).
+Every trial is evaluated at every epoch end and keeps its best epoch, so a sweep's best objective is
+the best (trial, epoch) it ever evaluated. Target: ASHA's best objective within 2 % of the grid's using
+≤ 50 % of its trial-epochs.
 
-    .venv/bin/python bench/tune_asha_vs_grid.py [--players 4] [--epochs 4] [--workers 1] [--out DIR]
+    .venv/bin/python bench/tune_asha_vs_grid.py [--players 4] [--epochs 10] [--grace-period 2]
+        [--reduction-factor 5] [--methods ga,gd,npo,simnpo] [--lrs 1e-4,3e-4,1e-3,3e-3] [--out DIR]
 
 Needs a benchmark and a vanilla model: made here (synthetic, tiny) unless --data/--vanilla are given.
 Prints a table, then one JSON line."""
@@ -40,12 +44,12 @@ def sweep(root: Path, name: str, scheduler: str, data: Path, vanilla: Path, args
 
     config = sweep_from_dict({
         "name": name, "storage": str(root / "tune"), "data": str(data), "vanilla": str(vanilla),
-        "methods": ["ga", "gd"], "search": "grid", "export_best": False,
+        "methods": args.methods, "search": "grid", "export_best": False,
         "train": {"epochs": args.epochs, "lr": 4e-4, "batch_size": 8, "warmup_ratio": 0.0, "schedule": "constant", "weight_decay": 0.0},
-        "search_space": {"method": {"grid": ["ga", "gd"]}, "train.lr": {"grid": [1e-4, 3e-4, 1e-3, 3e-3]}},
-        "scheduler": {"name": scheduler, "grace_period": 1, "reduction_factor": 2},
-        "resources": {"workers": args.workers, "cpus_per_worker": 1, "max_concurrent": args.concurrent, "local_cpus": 4},
-        "epoch_eval": {"splits": ["forget", "retain", "test"], "forms": ["mcq"], "limit": 16},
+        "search_space": {"method": {"grid": args.methods}, "train.lr": {"grid": args.lrs}},
+        "scheduler": {"name": scheduler, "grace_period": args.grace_period, "reduction_factor": args.reduction_factor},
+        "resources": {"workers": args.workers, "cpus_per_worker": 1, "max_concurrent": 1, "local_cpus": 4},
+        "epoch_eval": {"splits": ["forget", "retain", "test"], "forms": ["mcq"], "limit": args.eval_limit},
     }, name)
     started = time.time()
     result = run_sweep(config, verbose=0)
@@ -57,9 +61,13 @@ def sweep(root: Path, name: str, scheduler: str, data: Path, vanilla: Path, args
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--players", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=10, help="epochs per trial (ASHA's max_t)")
+    parser.add_argument("--grace-period", type=int, default=2, help="ASHA's first rung (epochs)")
+    parser.add_argument("--reduction-factor", type=int, default=5)
+    parser.add_argument("--methods", type=lambda s: s.split(","), default=["ga", "gd", "npo", "simnpo"])
+    parser.add_argument("--lrs", type=lambda s: [float(x) for x in s.split(",")], default=[1e-4, 3e-4, 1e-3, 3e-3])
+    parser.add_argument("--eval-limit", type=int, default=None, help="items per split in each epoch's evaluation (default: all)")
     parser.add_argument("--workers", type=int, default=1, help="DeepSpeed workers per trial")
-    parser.add_argument("--concurrent", type=int, default=1)
     parser.add_argument("--data")
     parser.add_argument("--vanilla")
     parser.add_argument("--out", help="work directory (default: a new temp dir)")
