@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from ray.tune.schedulers import ASHAScheduler
 
 from offside.errors import OffsideError
 from offside.eval.evaluate import EvalSpec, evaluate
 from offside.models.loading import ModelSpec, build_or_load
+from tune_jobs.search import BestSoFarASHA, ShuffledGrid, replay
 from tune_jobs.spec import load_sweep, sweep_from_dict
 from tune_jobs.sweep import run_sweep
 from tune_jobs.tracking import SWEEP_TAG, TRIAL_TAG
@@ -56,6 +58,30 @@ def test_shipped_configs_load():
     for path in sorted(Path("tune_jobs/configs").glob("*.yaml")):
         config = load_sweep(path)
         assert config.search_space and config.methods, path
+
+
+def test_grid_runs_every_point_once_in_a_seeded_shuffled_order(tmp_path):
+    values = {"method": ["ga", "gd", "npo"], "train.lr": [1e-4, 1e-3], "lora.target_modules": [["q_proj"], ["q_proj", "v_proj"]]}
+    listed = [{"method": m, "train.lr": lr, "lora.target_modules": t} for t in values["lora.target_modules"]
+              for lr in values["train.lr"] for m in values["method"]]
+    searcher = ShuffledGrid(values, seed=0)
+    first = [searcher.suggest(f"t{i}") for i in range(5)]
+    searcher.save(str(tmp_path / "state.json"))
+    restored = ShuffledGrid(values, seed=0)  # what `--resume` rebuilds, then restores
+    restored.restore(str(tmp_path / "state.json"))
+    rest = [restored.suggest(f"t{i}") for i in range(5, 14)]
+    assert rest[-2:] == ["FINISHED", "FINISHED"]
+    points = first + rest[:-2]
+    assert sorted(map(json.dumps, points)) == sorted(map(json.dumps, listed))  # each point exactly once
+    assert points != listed and points == ShuffledGrid(values, seed=0).points != ShuffledGrid(values, seed=1).points
+
+
+def test_asha_ranks_a_trial_by_its_best_objective_so_far():
+    steady, oscillating = [0.30] * 4, [0.40, -9.0, 0.45, 0.50]  # the second dips under the utility bound at epoch 2
+    rungs = {"time_attr": "epoch", "max_t": 4, "grace_period": 2, "reduction_factor": 2}
+    assert replay(ASHAScheduler(**rungs), [steady, steady, oscillating]) == [4, 4, 2]  # Ray's: stopped at the rung
+    assert replay(BestSoFarASHA(**rungs), [steady, steady, oscillating]) == [4, 4, 4]  # its best, 0.40, passes
+    assert replay(BestSoFarASHA(**rungs), [steady, steady, [0.20, 0.25, 0.9, 0.9]]) == [4, 4, 2]  # a weak trial still stops
 
 
 def test_unsatisfiable_resources_fail_before_any_trial(tmp_path, tiny_vanilla, local_ray_env):
@@ -176,7 +202,8 @@ def test_killed_worker_resumes_its_trial_from_the_checkpoint(tmp_path, tiny_vani
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, tiny_vanilla, local_ray_env):
     data, vanilla = tiny_vanilla
-    config = sweep_dict(tmp_path, data, vanilla, num_samples=3, scheduler={"name": "fifo"},
+    grid = [1e-4, 3e-4, 1e-3]
+    config = sweep_dict(tmp_path, data, vanilla, search="grid", search_space={"train.lr": {"grid": grid}}, scheduler={"name": "fifo"},
                         resources={"workers": 1, "max_concurrent": 1, "local_cpus": 4})
     path = tmp_path / "resume.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -203,6 +230,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, t
     client, runs = sweep_runs(tmp_path / "tune", "s")
     children = [r for r in runs if TRIAL_TAG in r.data.tags]
     assert len(children) == 3 and all(r.info.status == "FINISHED" for r in children)
+    assert sorted(float(r.data.params["train.lr"]) for r in children) == grid  # each grid point once, none repeated
     for done in first:  # finished before the interruption: not run again
         again = next(r for r in children if r.info.run_id == done.info.run_id)
         assert again.info.end_time == done.info.end_time

@@ -166,17 +166,23 @@ def _static(config: SweepConfig, sweep_dir: Path, uri: str, parent: str, vanilla
     }
 
 
-def search_space(config: SweepConfig) -> dict:
-    from ray import tune
-
+def dimensions(config: SweepConfig) -> dict[str, dict]:
+    """The search space's dotted keys and distributions, with the methods as a dimension when several are listed."""
     space = dict(config.search_space)
     if len(config.methods) > 1 and "method" not in space:
         space["method"] = {"choice": list(config.methods)}
+    return space
+
+
+def search_space(config: SweepConfig) -> dict:
+    """Tune's param_space for random and Optuna search; a grid's points come from its searcher."""
+    from ray import tune
+
+    if config.search == "grid":
+        return {}
     makers = {"choice": tune.choice, "grid": tune.grid_search, "uniform": lambda v: tune.uniform(*v),
               "loguniform": lambda v: tune.loguniform(*v), "randint": lambda v: tune.randint(*v)}
-    if config.search == "grid":
-        makers["choice"] = tune.grid_search
-    return {key: makers[kind](values) for key, dist in space.items() for kind, values in dist.items()}
+    return {key: makers[kind](values) for key, dist in dimensions(config).items() for kind, values in dist.items()}
 
 
 def _tuner(config: SweepConfig, sweep_dir: Path, static: dict, resume: bool, verbose: int):
@@ -192,44 +198,52 @@ def _tuner(config: SweepConfig, sweep_dir: Path, static: dict, resume: bool, ver
     base_epochs = config.train.epochs
     planned = lambda trial_config: int(trial_config.get("train.epochs", base_epochs))  # noqa: E731
     callback = tracking.closing_callback(static["tracking_uri"], config.name, planned)
-    searcher, scheduler, tune_kwargs = _search(config)
+    # Multi-objective: the searcher and scheduler name their metrics themselves, TuneConfig none.
+    single = {} if config.objective.mode == "pareto" else {"metric": "objective", "mode": "max"}
     return tune.Tuner(
         trainable,
         param_space=search_space(config),
-        tune_config=tune.TuneConfig(num_samples=1 if config.search == "grid" else config.num_samples,
+        tune_config=tune.TuneConfig(num_samples=trial_count(config),
                                     max_concurrent_trials=config.resources.max_concurrent,
-                                    search_alg=searcher, scheduler=scheduler, **tune_kwargs),
+                                    search_alg=_searcher(config), scheduler=make_scheduler(config), **single),
         run_config=tune.RunConfig(name=config.name, storage_path=config.storage, callbacks=[callback],
                                   failure_config=tune.FailureConfig(max_failures=config.trial_max_failures),
                                   verbose=verbose),
     )
 
 
-def _search(config: SweepConfig):
-    """(searcher, scheduler, TuneConfig metric/mode). Multi-objective: the searcher gets both metrics,
-    the scheduler the scalar objective, TuneConfig neither."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+def make_scheduler(config: SweepConfig):
+    """FIFO, or ASHA on the epoch counter ranking trials by their best objective so far. Its metric
+    comes from TuneConfig, except in Pareto mode, where TuneConfig names none."""
+    from ray.tune.schedulers import FIFOScheduler
+
+    from tune_jobs.search import BestSoFarASHA
+
+    if config.scheduler.name != "asha":
+        return FIFOScheduler()
+    return BestSoFarASHA(time_attr="epoch", max_t=max_epochs(config), grace_period=config.scheduler.grace_period,
+                         reduction_factor=config.scheduler.reduction_factor,
+                         **({"metric": "objective", "mode": "max"} if config.objective.mode == "pareto" else {}))
+
+
+def _searcher(config: SweepConfig):
+    """Random, shuffled grid or Optuna TPE; multi-objective Optuna gets both metrics itself."""
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    pareto = config.objective.mode == "pareto"
-    single = {} if pareto else {"metric": "objective", "mode": "max"}
-    scheduler = FIFOScheduler()
-    if config.scheduler.name == "asha":
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=max_epochs(config), grace_period=config.scheduler.grace_period,
-                                  reduction_factor=config.scheduler.reduction_factor,
-                                  **({"metric": "objective", "mode": "max"} if pareto else {}))
-    if config.search != "optuna":
+    from tune_jobs.search import ShuffledGrid
+
+    if config.search == "grid":
+        return ShuffledGrid({key: values for key, dist in dimensions(config).items() for values in dist.values()}, config.seed)
+    if config.search == "random":
         # max_concurrent here: Tune ignores max_concurrent_trials for a BasicVariantGenerator instance.
-        return BasicVariantGenerator(random_state=config.seed, max_concurrent=config.resources.max_concurrent), scheduler, single
+        return BasicVariantGenerator(random_state=config.seed, max_concurrent=config.resources.max_concurrent)
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
     sampler = optuna.samplers.TPESampler(seed=config.seed)
-    if pareto:
-        searcher = OptunaSearch(metric=[config.objective.metric, config.objective.constraint], mode=["max", "max"], sampler=sampler)
-    else:
-        searcher = OptunaSearch(sampler=sampler)
-    return searcher, scheduler, single
+    if config.objective.mode == "pareto":
+        return OptunaSearch(metric=[config.objective.metric, config.objective.constraint], mode=["max", "max"], sampler=sampler)
+    return OptunaSearch(sampler=sampler)
 
 
 def _finish(config: SweepConfig, sweep_dir: Path, uri: str, parent: str, grid, static: dict) -> SweepResult:
