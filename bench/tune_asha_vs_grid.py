@@ -76,6 +76,8 @@ def trajectories(sweep_dir: Path) -> list[tuple[str, list[float]]]:
     runs = []
     for path in sorted(sweep_dir.glob("run_trial_*/result.json"), key=lambda p: p.parent.name.split("_")[3]):
         lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if not lines:  # a trial that failed before its first epoch
+            continue
         point = json.dumps(lines[0]["config"], sort_keys=True)
         runs.append((point, [line["objective"] for line in sorted(lines, key=lambda r: r["epoch"])]))
     return runs

@@ -57,7 +57,8 @@ class ShuffledGrid(Searcher):
 
 
 class BestSoFarASHA(ASHAScheduler):
-    """ASHA fed each trial's running best of the metric (its state is saved with the experiment)."""
+    """ASHA fed each trial's running best of the metric. Tune does not checkpoint schedulers, so after
+    `--resume` these bests start afresh, as Ray's rung records do."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -89,6 +90,7 @@ def replay(scheduler, trajectories: list[list[float]], metric: str = "objective"
     for index, values in enumerate(trajectories):
         trial = SimpleNamespace(trial_id=str(index))
         scheduler.on_trial_add(None, trial)
+        epoch = 0
         for epoch, value in enumerate(values, start=1):
             result = {time_attr: epoch, metric: value}
             if scheduler.on_trial_result(None, trial, result) == TrialScheduler.STOP or epoch == len(values):
