@@ -74,7 +74,7 @@ def sweep(config) -> dict:
 def trajectories(sweep_dir: Path) -> list[tuple[str, list[float]]]:
     """(point, objective at each epoch) per trial, in the order the trials started."""
     runs = []
-    for path in sorted(sweep_dir.glob("run_trial_*/result.json"), key=lambda p: p.parent.name.split("_")[3]):
+    for path in sorted(sweep_dir.glob("run_trial_*/result.json"), key=lambda p: int(p.parent.name.split("_")[3])):  # run_trial_<id>_<index>_…
         lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         if not lines:  # a trial that failed before its first epoch
             continue
