@@ -6,6 +6,7 @@ A saved model directory is what `save_pretrained` writes (safetensors + config +
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,21 +23,31 @@ REAL_IMAGE_SIZE = 252  # the published 256×256, rounded down to a multiple of 2
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 hf_logging.disable_progress_bar()  # per-shard load/save bars; stages show their own progress
 
-# LoRA target groups: regexes over Qwen2.5-VL module names (`model.language_model...`, `model.visual...`).
+# LoRA target groups: a regex over Qwen2.5-VL module names (`model.language_model...`, `model.visual...`)
+# and the LoraSpec field that lists the group's targets.
 LORA_GROUPS = {
-    "language": r"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.({targets})",
-    "vision": r"model\.visual\.blocks\.\d+\.(attn|mlp)\.({targets})",
-    "projector": r"model\.visual\.merger\.mlp\.\d+",
+    "language": (r"model\.language_model\.layers\.\d+\.(?:self_attn|mlp)\.(?:{targets})", "targets"),
+    "vision": (r"model\.visual\.blocks\.\d+\.(?:attn|mlp)\.(?:{targets})", "vision_targets"),
+    "projector": (r"model\.visual\.merger\.mlp\.(?:{targets})", "projector_targets"),
 }
 
 
 @dataclass
 class LoraSpec:
+    """LoRA adapters on the modules of `groups`. Each group has its own targets (the last part of the
+    module names it adapts):
+    - language: `targets` in `model.language_model.layers.N.{self_attn,mlp}`
+      (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj);
+    - vision: `vision_targets` in `model.visual.blocks.N.{attn,mlp}` (qkv, proj, gate_proj, up_proj, down_proj);
+    - projector: `projector_targets` in `model.visual.merger.mlp` (its Linear layers 0 and 2; 1 is a GELU)."""
+
     r: int = 8
     alpha: int = 32
     dropout: float = 0.05
     targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     groups: list[str] = field(default_factory=lambda: ["language"])
+    vision_targets: list[str] = field(default_factory=lambda: ["qkv", "proj"])
+    projector_targets: list[str] = field(default_factory=lambda: ["0", "2"])
 
 
 @dataclass
@@ -94,10 +105,25 @@ def apply_lora(model, lora: LoraSpec):
     unknown = sorted(set(lora.groups) - set(LORA_GROUPS))
     if unknown:
         raise OffsideError(f"lora.groups: unknown group(s) {unknown} (valid: {', '.join(LORA_GROUPS)})")
-    targets = "|".join(lora.targets)
-    pattern = "|".join(f"(?:{LORA_GROUPS[g].format(targets=targets)})" for g in lora.groups)
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=f"^(?:{pattern})$")
+    pattern = "|".join(_group_pattern(model, lora, group) for group in lora.groups)
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=pattern)
     return get_peft_model(model, config)
+
+
+def _group_pattern(model, lora: LoraSpec, group: str) -> str:
+    """The regex of the group's target modules, checked here so that a bad target is named in our terms
+    rather than peft's."""
+    regex, key = LORA_GROUPS[group]
+    targets = getattr(lora, key)
+    pattern = regex.format(targets="|".join(map(re.escape, targets)))
+    matched = [(name, module) for name, module in model.named_modules() if re.fullmatch(pattern, name)]
+    if not matched:
+        raise OffsideError(f"lora group {group!r}: lora.{key} {targets} matches no module")
+    for name, module in matched:
+        if not isinstance(module, torch.nn.Linear):
+            kind = type(module).__name__
+            raise OffsideError(f"lora group {group!r}: lora.{key} {targets} matches {name} ({kind}), not a Linear layer")
+    return f"(?:{pattern})"
 
 
 def save(model, processor: Processor, out_dir: Path) -> None:
