@@ -1,4 +1,4 @@
-"""Model loading: LoRA target groups."""
+"""Model loading: LoRA target groups and seeded LoRA initialisation."""
 
 from types import SimpleNamespace
 
@@ -89,3 +89,22 @@ def test_lora_group_targets_load_from_config():
         from_dict(UnlearnConfig, {"model": {"lora": {"vision_targets": "qkv"}}}, "cfg")
     with pytest.raises(OffsideError, match="unknown key 'model.lora.group_targets'"):
         from_dict(UnlearnConfig, {"model": {"lora": {"group_targets": {"vision": ["qkv"]}}}}, "cfg")
+
+
+def _adapter_weights(model_dir, seed: int) -> dict[str, torch.Tensor]:
+    lora = LoraSpec(groups=["language", "vision", "projector"])
+    model, _ = build_or_load(ModelSpec(str(model_dir), lora=lora), seed=seed)
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+
+
+def test_lora_init_of_a_loaded_model_follows_the_seed_only(tiny):
+    first = _adapter_weights(tiny.dir, seed=1)
+    torch.rand(7)  # other work consumes the global RNG between loads
+    again = _adapter_weights(tiny.dir, seed=1)
+    torch.rand(3)
+    state = torch.get_rng_state()
+    other = _adapter_weights(tiny.dir, seed=2)
+    assert torch.equal(torch.get_rng_state(), state)  # and leaves the caller's random state alone
+    assert first.keys() == again.keys() == other.keys() and first
+    assert all(torch.equal(first[n], again[n]) for n in first)
+    assert not any(torch.equal(first[n], other[n]) for n in first)

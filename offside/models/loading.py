@@ -81,7 +81,7 @@ def build_or_load(spec: ModelSpec, texts: list[str] | None = None, seed: int = 0
         for p in model.model.visual.parameters():
             p.requires_grad_(False)
     if spec.lora is not None:
-        model = apply_lora(model, spec.lora)
+        model = apply_lora(model, spec.lora, seed)
     return model, Processor(tokenizer, image_size, model.config.vision_config.spatial_merge_size)
 
 
@@ -99,7 +99,9 @@ def _load_pretrained(name: str, dtype: torch.dtype):
     return model, tokenizer, saved_size
 
 
-def apply_lora(model, lora: LoraSpec):
+def apply_lora(model, lora: LoraSpec, seed: int = 0):
+    """The model with LoRA adapters; their initial weights depend on `seed` only, and the caller's
+    random state is left as it was."""
     from peft import LoraConfig, get_peft_model
 
     unknown = sorted(set(lora.groups) - set(LORA_GROUPS))
@@ -107,7 +109,9 @@ def apply_lora(model, lora: LoraSpec):
         raise OffsideError(f"lora.groups: unknown group(s) {unknown} (valid: {', '.join(LORA_GROUPS)})")
     pattern = "|".join(_group_pattern(model, lora, group) for group in lora.groups)
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=pattern)
-    return get_peft_model(model, config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, config)
 
 
 def _group_pattern(model, lora: LoraSpec, group: str) -> str:
