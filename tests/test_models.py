@@ -1,5 +1,8 @@
-"""Model loading: LoRA target groups and seeded LoRA initialisation."""
+"""Model loading: LoRA target groups, seeded LoRA initialisation, and decoding that ignores a
+checkpoint's own generation settings."""
 
+import json
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -8,6 +11,7 @@ from conftest import untrained_tiny_bench
 
 from offside.config import from_dict
 from offside.errors import OffsideError
+from offside.eval.scoring import generate
 from offside.models.loading import LoraSpec, ModelSpec, build_or_load, save
 from offside.stages import UnlearnConfig
 
@@ -108,3 +112,23 @@ def test_lora_init_of_a_loaded_model_follows_the_seed_only(tiny):
     assert first.keys() == again.keys() == other.keys() and first
     assert all(torch.equal(first[n], again[n]) for n in first)
     assert not any(torch.equal(first[n], other[n]) for n in first)
+
+
+def test_greedy_generation_ignores_the_checkpoints_generation_config(tiny, tmp_path):
+    leaky = tmp_path / "leaky"
+    shutil.copytree(tiny.dir, leaky)
+    path = leaky / "generation_config.json"
+    settings = {"do_sample": True, "temperature": 0.7, "top_k": 5, "top_p": 0.5, "repetition_penalty": 5.0,
+                "no_repeat_ngram_size": 1}
+    path.write_text(json.dumps({**json.loads(path.read_text()), **settings}))
+
+    questions, images = [r["question"] for r in tiny.rows], [r["image"] for r in tiny.rows]
+    answers = {}
+    for name, model_dir in (("clean", tiny.dir), ("leaky", leaky)):
+        model, processor = build_or_load(ModelSpec(str(model_dir)))
+        assert model.generation_config.repetition_penalty == (5.0 if name == "leaky" else None)
+        torch.manual_seed(0)
+        answers[name] = generate(model.eval(), processor, questions, images, batch_size=2, max_new_tokens=16)
+    assert answers["leaky"] == answers["clean"]
+    tokens = processor.tokenizer(answers["clean"], add_special_tokens=False)["input_ids"]
+    assert any(len(set(ids)) < len(ids) for ids in tokens)  # so a leaked no_repeat_ngram_size=1 would show

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import torch
+from transformers import GenerationConfig
 
 from offside.engine.losses import answer_logprobs
 from offside.models.processor import Processor
@@ -84,16 +85,20 @@ def generate(model, processor: Processor, questions: list[str], images: list, ba
     for start in range(0, len(questions), batch_size):
         encoded = processor.encode(questions[start : start + batch_size], images[start : start + batch_size], left_pad=True)
         inputs = {k: v.to(device) for k, v in encoded.inputs.items()}
-        output = model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=processor.end_id,
-            pad_token_id=processor.pad_id,
-        )
+        output = model.generate(**inputs, generation_config=_greedy_config(processor, max_new_tokens))
         width = inputs["input_ids"].shape[1]
         answers.extend(processor.decode(row[width:]) for row in output)
     return answers
+
+
+def _greedy_config(processor: Processor, max_new_tokens: int) -> GenerationConfig:
+    """Greedy decoding from our settings only. `generate` fills every unset (None) field of the config it
+    is given from the checkpoint's own generation_config (a real one samples, with a repetition
+    penalty), so each field with a library default is set to that default here."""
+    defaults = GenerationConfig._get_default_generation_params()
+    del defaults["max_length"]  # max_new_tokens decides (setting both warns)
+    return GenerationConfig(**{**defaults, "do_sample": False, "max_new_tokens": max_new_tokens,
+                               "eos_token_id": processor.end_id, "pad_token_id": processor.pad_id})
 
 
 def letter_prompt(question: str, options: list[str]) -> str:
