@@ -49,14 +49,35 @@ def _error(status: int, message: str, kind: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
 
 
-@api.middleware("http")
-async def _body_limit(request: Request, call_next):
-    """Refuses bodies over `limits.max_body_bytes` from their declared length, before reading them."""
-    limit = request.app.state.max_body_bytes
-    size = request.headers.get("content-length", "0")
-    if not size.isdigit() or int(size) > limit:
-        return _error(413, f"request body: {size} bytes, limit {limit}", "invalid_request_error")
-    return await call_next(request)
+class BodyLimit:
+    """Refuses request bodies over `limits.max_body_bytes` with a 413: a declared length before anything
+    is read, and every body (chunked too) by counting its bytes as they stream in."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = scope["app"].state.max_body_bytes
+        declared = dict(scope["headers"]).get(b"content-length", b"0").decode("latin-1")
+        if not declared.isdigit() or int(declared) > limit:
+            return await _error(413, f"request body: {declared} bytes, limit {limit}", "invalid_request_error")(scope, receive, send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                # FastAPI re-raises HTTP exceptions from reading the body; the handler below answers them
+                raise StarletteHTTPException(413, f"request body: over the limit of {limit} bytes")
+            return message
+
+        await self.app(scope, counted, send)
+
+
+api.add_middleware(BodyLimit)
 
 
 @api.exception_handler(ApiError)

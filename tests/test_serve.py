@@ -3,6 +3,7 @@ a tiny base model, two LoRA adapters of it with different (random, non-zero) wei
 as a full-weight model; LRU capacity 2 so three models force evictions."""
 
 import base64
+import http.client
 import io
 import json
 import os
@@ -28,7 +29,7 @@ from offside.models.loading import ModelSpec, build_or_load
 from offside.stages import EvalConfig, evaluate_model
 from offside.eval.evaluate import EvalSpec, evaluate
 from serve.demo import merged, tiny_models
-from serve.settings import TOKEN_ENV, load_settings, read_token
+from serve.settings import TOKEN_ENV, Limits, load_settings, read_token
 
 TOKEN = "s3cret-token"
 REPO = Path(__file__).resolve().parents[1]
@@ -269,6 +270,33 @@ def test_fuzz_every_hostile_request_gets_a_clear_4xx(server):
             assert message and "Traceback" not in response.text, shown
     assert requests.get(server + "/healthz", timeout=30).json()["status"] == "ok"
     assert _post(server, "/v1/probe", {"model": "a1", "question": "Who is this?", "max_tokens": 4}).status_code == 200
+
+
+def test_chunked_body_over_the_limit_gets_413_as_it_streams(server):
+    """No Content-Length to check up front: the limit counts the bytes as they arrive."""
+    limit = Limits().max_body_bytes  # the test server keeps the default
+    chunk = b" " * (1 << 20)
+    host, port = server.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    conn.putrequest("POST", "/v1/probe")
+    for name, value in (("Authorization", f"Bearer {TOKEN}"), ("Content-Type", "application/json"),
+                        ("Transfer-Encoding", "chunked")):
+        conn.putheader(name, value)
+    conn.endheaders()
+    sent = 0
+    try:
+        while sent < 10 * limit:
+            conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            sent += len(chunk)
+        conn.send(b"0\r\n\r\n")
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server answered and closed before the upload ended
+    response = conn.getresponse()
+    body = json.loads(response.read())
+    conn.close()
+    assert response.status == 413, body
+    assert f"limit of {limit} bytes" in body["error"]["message"]
+    assert requests.get(server + "/healthz", timeout=30).json()["status"] == "ok"
 
 
 def test_yaml_config_builds_the_app(models):
