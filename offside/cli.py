@@ -75,9 +75,11 @@ def _print_result(result) -> None:
 
 
 def cmd_finetune(args) -> None:
+    from offside.recipes import finetune_recipe
     from offside.stages import FinetuneConfig, finetune
 
-    _print_result(finetune(_config(FinetuneConfig, args, FINETUNE_FLAGS)))
+    model = _config(FinetuneConfig, args, FINETUNE_FLAGS).model.name  # the recipe depends on the model chosen
+    _print_result(finetune(_config(FinetuneConfig, args, FINETUNE_FLAGS, finetune_recipe(model))))
 
 
 def cmd_unlearn(args) -> None:
