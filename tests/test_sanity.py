@@ -1,11 +1,13 @@
 """The vanilla check (offside/eval/sanity.py): an untrained model is flagged and a trained one passes;
-finetune and unlearn record the check in their manifest."""
+finetune and unlearn record the check in their manifest; the matrix refuses an untrained vanilla model
+before any cell unless --allow-untrained."""
 
 import json
 
 import pytest
 from conftest import untrained_tiny_bench
 
+import offside.matrix
 from offside.cli import main
 from offside.data.loader import load_benchmark
 from offside.eval.sanity import vanilla_check
@@ -57,3 +59,30 @@ def test_unlearn_warns_about_an_untrained_vanilla_model_and_records_it(untrained
     assert f"warning: the vanilla model {model} has not learned the benchmark" in capsys.readouterr().err
     check = json.loads((tmp_path / "ga" / "manifest.json").read_text())["vanilla_check"]
     assert not check["learned"] and check["forget"]["questions"] == QUESTIONS["forget"]
+
+
+@pytest.fixture
+def cells(monkeypatch):
+    """Records the matrix cells that would run, instead of running them."""
+    ran = []
+
+    def fake_cell(config, out, method, scenario, *rest):
+        ran.append((method, scenario))
+        return {"name": f"{method}-{scenario}", "method": method, "scenario": scenario, "metrics": {}}
+
+    monkeypatch.setattr(offside.matrix, "_run_cell", fake_cell)
+    return ran
+
+
+def test_matrix_refuses_an_untrained_vanilla_model_before_any_cell(untrained, tmp_path, cells, capsys):
+    data, model, _ = untrained
+    matrix = ["matrix", "--data", str(data), "--model", str(model), "--methods", "ga", "--scenarios", "complete"]
+    assert main(matrix + ["--out", str(tmp_path / "refused")]) == 2
+    error = capsys.readouterr().err
+    assert "has not learned the benchmark" in error and "forget 0." in error and "--allow-untrained" in error
+    assert cells == [] and not (tmp_path / "refused").exists()
+
+    assert main(matrix + ["--out", str(tmp_path / "allowed"), "--allow-untrained"]) == 0
+    assert "warning: the vanilla model" in capsys.readouterr().err
+    assert cells == [("ga", "complete")]
+    assert not json.loads((tmp_path / "allowed" / "vanilla_check.json").read_text())["learned"]
