@@ -63,7 +63,7 @@ def untrained(check: dict, model: str) -> str | None:
     """A one-line description of an untrained model, or None when it has learned."""
     if check["learned"]:
         return None
-    scores = ", ".join(f"{split} {c['mcq_acc']:.2f} (needs {c['threshold']:.2f}; {c['questions']} questions)"
+    scores = ", ".join(f"{split} {c['mcq_acc']:.3f} (needs {c['threshold']:.3f}; {c['questions']} questions)"
                        for split, c in check.items() if split in SPLITS)
     return f"the vanilla model {model} has not learned the benchmark, so unlearning it measures nothing: multiple-choice accuracy {scores}"
 
