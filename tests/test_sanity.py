@@ -1,6 +1,6 @@
 """The vanilla check (offside/eval/sanity.py): an untrained model is flagged and a trained one passes;
-finetune and unlearn record the check in their manifest; the matrix refuses an untrained vanilla model
-before any cell unless --allow-untrained."""
+finetune and unlearn record the check in their manifest, a sweep in its directory; the matrix refuses
+an untrained vanilla model before any cell unless --allow-untrained."""
 
 import json
 
@@ -59,6 +59,16 @@ def test_unlearn_warns_about_an_untrained_vanilla_model_and_records_it(untrained
     assert f"warning: the vanilla model {model} has not learned the benchmark" in capsys.readouterr().err
     check = json.loads((tmp_path / "ga" / "manifest.json").read_text())["vanilla_check"]
     assert not check["learned"] and check["forget"]["questions"] == QUESTIONS["forget"]
+
+
+def test_sweep_checks_its_vanilla_model(untrained, tmp_path, capsys):
+    from tune_jobs.spec import SweepConfig
+    from tune_jobs.sweep import _vanilla_metrics
+
+    data, model, _ = untrained
+    _vanilla_metrics(SweepConfig(data=str(data), vanilla=str(model)), tmp_path)
+    assert f"warning: the vanilla model {model} has not learned the benchmark" in capsys.readouterr().err
+    assert not json.loads((tmp_path / "vanilla_check.json").read_text())["learned"]
 
 
 @pytest.fixture
