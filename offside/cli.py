@@ -46,7 +46,8 @@ FINETUNE_FLAGS = {"data": "data", "out": "out", "model": "model.name", "split": 
 UNLEARN_FLAGS = {"data": "data", "out": "out", "model": "model.name", "method": "method", "scenario": "scenario",
                  "forget_fraction": "forget_fraction", "epochs": "train.epochs", "lr": "train.lr", "seed": "train.seed"}
 RELEARN_FLAGS = {"data": "data", "out": "out", "model": "model.name", "epochs": "train.epochs", "lr": "train.lr", "seed": "train.seed"}
-MATRIX_FLAGS = {"data": "data", "out": "out", "model": "model", "methods": "methods", "scenarios": "scenarios"}
+MATRIX_FLAGS = {"data": "data", "out": "out", "model": "model", "methods": "methods", "scenarios": "scenarios",
+                "allow_untrained": "allow_untrained"}
 EVAL_FLAGS = {"data": "data", "out": "out", "model": "model.name", "mcq_mode": "eval.mcq_mode", "suite": "suites"}
 
 
@@ -75,9 +76,11 @@ def _print_result(result) -> None:
 
 
 def cmd_finetune(args) -> None:
+    from offside.recipes import finetune_recipe
     from offside.stages import FinetuneConfig, finetune
 
-    _print_result(finetune(_config(FinetuneConfig, args, FINETUNE_FLAGS)))
+    model = _config(FinetuneConfig, args, FINETUNE_FLAGS).model.name  # the recipe depends on the model chosen
+    _print_result(finetune(_config(FinetuneConfig, args, FINETUNE_FLAGS, finetune_recipe(model))))
 
 
 def cmd_unlearn(args) -> None:
@@ -116,13 +119,20 @@ def _names(value: str) -> list[str]:
     return [v for v in value.split(",") if v]
 
 
+SWITCHES = {"allow_untrained": "run even when the vanilla model has not learned the benchmark"}
+
+
 def _stage_parser(sub, name: str, help_text: str, flags: dict[str, str], func) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_text)
     p.add_argument("--config", help="YAML config file (flags override it)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key, e.g. train.lr=1e-4")
     types = {"epochs": int, "lr": float, "seed": int, "forget_fraction": float, "methods": _names, "scenarios": _names, "suite": _names}
     for flag in flags:
-        p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=types.get(flag, str))
+        name = f"--{flag.replace('_', '-')}"
+        if flag in SWITCHES:  # default None, not False: an unset switch must not override the config file
+            p.add_argument(name, dest=flag, action="store_true", default=None, help=SWITCHES[flag])
+        else:
+            p.add_argument(name, dest=flag, type=types.get(flag, str))
     p.set_defaults(func=func)
     return p
 

@@ -1,21 +1,28 @@
 """`offside matrix`: every method × scenario from one vanilla model, each unlearned with its defaults,
 evaluated, and written to DIR/leaderboard.md + DIR/results.json as rows finish. A failed row is
 reported with its error, never dropped. Relearning rows also carry the metrics of the unlearned model
-before relearning (`unlearned_metrics`), so resurfacing rumours show as numbers."""
+before relearning (`unlearned_metrics`), so resurfacing rumours show as numbers.
+
+Before any cell the vanilla model is checked (offside/eval/sanity.py, written to DIR/vanilla_check.json
+and every cell's manifest): a model that has not learned the benchmark is refused unless
+`allow_untrained`."""
 
 from __future__ import annotations
 
+import json
 import time
 import traceback
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from offside.config import deep_merge, from_dict
+from offside.data.loader import load_benchmark
 from offside.data.scenarios import SCENARIOS
 from offside.engine.trainer import TrainSpec
 from offside.errors import OffsideError
 from offside.eval.evaluate import EvalSpec, check
-from offside.models.loading import LoraSpec, ModelSpec
+from offside.eval.sanity import untrained, vanilla_check, warn
+from offside.models.loading import LoraSpec, ModelSpec, build_or_load
 from offside.recipes import PUBLISHED_RELEARN, PUBLISHED_UNLEARN
 from offside.report import leaderboard
 from offside.stages import EvalConfig, UnlearnConfig, check_out, evaluate_model, unlearn
@@ -37,6 +44,7 @@ class MatrixConfig:
     freeze_vision: bool = True
     forget_fraction: float = 1.0
     eval: EvalSpec = field(default_factory=EvalSpec)
+    allow_untrained: bool = False  # run even when the vanilla model has not learned the benchmark
 
 
 def validate(config: MatrixConfig) -> list[str]:
@@ -67,12 +75,14 @@ def train_spec(config: MatrixConfig, method: str) -> TrainSpec:
 def run_matrix(config: MatrixConfig, progress: bool = True) -> list[dict]:
     methods = validate(config)
     out = check_out(config.out)
+    vanilla = check_vanilla(config)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "vanilla_check.json").write_text(json.dumps(vanilla, indent=2) + "\n")
     rows: list[dict] = []
     for method in methods:
         for scenario in config.scenarios:
             started = time.time()
-            row = _run_cell(config, out, method, scenario, progress)
+            row = _run_cell(config, out, method, scenario, vanilla, progress)
             row["wall_time_s"] = round(time.time() - started, 1)
             rows.append(row)
             leaderboard.write(rows, out)
@@ -82,7 +92,19 @@ def run_matrix(config: MatrixConfig, progress: bool = True) -> list[dict]:
     return rows
 
 
-def _run_cell(config: MatrixConfig, out: Path, method: str, scenario: str, progress: bool) -> dict:
+def check_vanilla(config: MatrixConfig) -> dict:
+    """The vanilla check; an untrained model is an error unless allow_untrained (then a warning)."""
+    model, processor = build_or_load(ModelSpec(config.model))
+    result = vanilla_check(model, processor, load_benchmark(config.data))
+    message = untrained(result, config.model)
+    if message and not config.allow_untrained:
+        raise OffsideError(f"matrix: {message}. Train it further, or pass --allow-untrained (allow_untrained: true) "
+                           "to run the matrix anyway")
+    warn(message)
+    return result
+
+
+def _run_cell(config: MatrixConfig, out: Path, method: str, scenario: str, vanilla: dict, progress: bool) -> dict:
     name = f"{method}-{scenario}"
     row: dict = {"name": name, "method": method, "scenario": scenario}
     try:
@@ -91,7 +113,7 @@ def _run_cell(config: MatrixConfig, out: Path, method: str, scenario: str, progr
             method_args=config.method_args.get(method, {}), forget_fraction=config.forget_fraction,
             model=ModelSpec(config.model, lora=config.lora, freeze_vision=config.freeze_vision),
             train=train_spec(config, method), relearn=config.relearn,
-        ), progress)
+        ), progress, vanilla_check=vanilla)
         evaluated = _evaluate(config, result.run_dir, out / f"eval-{name}", progress)
         row.update(run_dir=str(result.run_dir), eval_dir=str(evaluated.run_dir),
                    mlflow_run_id=evaluated.run_id, metrics=evaluated.metrics)

@@ -27,6 +27,7 @@ from offside.engine.finetune import FineTune
 from offside.engine.trainer import TrainSpec, train
 from offside.errors import OffsideError
 from offside.eval.evaluate import EvalSpec, check, evaluate
+from offside.eval.sanity import checked
 from offside.eval.suites import RobustnessSpec, UtilitySpec, check_suites, run_suites
 from offside.models.loading import ModelSpec, build_or_load, save
 from offside.recipes import PUBLISHED_RELEARN
@@ -104,14 +105,19 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> StageResult:
     texts = [t for split in bench.values() for column in ("question", "answer") for t in split[column]]
     model, processor = build_or_load(config.model, texts, seed=config.train.seed)
     streams = {"train": training_rows(rows, config.modalities)}
+    manifest: dict = {}
 
     def body(out: Path, run: Run) -> dict[str, float]:
-        return _fit_and_save(out, run, model, processor, FineTune(), streams, config.train, config, bench, progress)
+        metrics = _fit_and_save(out, run, model, processor, FineTune(), streams, config.train, config, bench, progress)
+        if config.split == "retain+forget":  # the vanilla model
+            manifest["vanilla_check"] = checked(model, processor, bench, config.out)
+        return metrics
 
-    return run_stage("finetune", config, {"stage": "finetune", "split": config.split}, body)
+    return run_stage("finetune", config, {"stage": "finetune", "split": config.split}, body, manifest)
 
 
-def unlearn(config: UnlearnConfig, progress: bool = True) -> StageResult:
+def unlearn(config: UnlearnConfig, progress: bool = True, vanilla_check: dict | None = None) -> StageResult:
+    """`vanilla_check`: the check of config.model when the caller has made it already (the matrix)."""
     check_out(config.out)
     method = get_method(config.method, config.method_args)
     bench = load_benchmark(config.data)
@@ -121,6 +127,7 @@ def unlearn(config: UnlearnConfig, progress: bool = True) -> StageResult:
                "retain": training_rows(materialise(retain), config.modalities)}
     relearn_rows = training_rows(materialise(bench["relearn"]), config.modalities) if config.scenario == "relearning" else []
     model, processor = build_or_load(config.model, seed=config.train.seed)
+    manifest = {"vanilla_check": vanilla_check or checked(model, processor, bench, config.model.name)}
     tags = {"stage": "unlearn", "method": config.method, "scenario": config.scenario}
 
     def body(out: Path, run: Run) -> dict[str, float]:
@@ -132,7 +139,7 @@ def unlearn(config: UnlearnConfig, progress: bool = True) -> StageResult:
                                   config, bench, progress, step_offset=config.train.epochs)
         return metrics | {f"relearn/{k}": v for k, v in relearned.items()}
 
-    return run_stage("unlearn", config, tags, body)
+    return run_stage("unlearn", config, tags, body, manifest)
 
 
 def relearn(config: RelearnConfig, progress: bool = True) -> StageResult:
@@ -211,17 +218,19 @@ def _fit_and_save(out: Path, run: Run, model, processor, objective, streams, spe
     return {f"final/{k}": v for k, v in final.items() if isinstance(v, (int, float))} | {"steps": result.steps}
 
 
-def run_stage(stage: str, config, tags: dict[str, str], body: Callable[[Path, Run], dict]) -> StageResult:
+def run_stage(stage: str, config, tags: dict[str, str], body: Callable[[Path, Run], dict],
+              manifest: dict | None = None) -> StageResult:
     """Runs `body` in a temp directory beside `config.out` and renames it into place on success;
-    on failure the temp directory is removed and the MLflow run is marked FAILED."""
+    on failure the temp directory is removed and the MLflow run is marked FAILED. `manifest`: extra
+    manifest.json entries, read when `body` has returned (so it may add to them)."""
     out = check_out(config.out)
     started = time.time()
     with atomic_dir(out) as tmp, stage_run(out.parent, out.name, to_dict(config), tags) as run:
         (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
         metrics = body(tmp, run)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        manifest = _manifest(stage, config, started, run.run_id)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        entries = _manifest(stage, config, started, run.run_id) | (manifest or {})
+        (tmp / "manifest.json").write_text(json.dumps(entries, indent=2) + "\n")
         run.log_metrics(metrics)
         run.log_artifacts(tmp)
     return StageResult(out, run.run_id, metrics)

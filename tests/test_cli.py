@@ -4,6 +4,7 @@ non-zero with one line naming the problem and leaves no output directory behind.
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -59,6 +60,26 @@ def test_unlearn_then_eval_through_cli(data, vanilla, capsys):
     logged = MlflowClient(f"sqlite:///{out / 'mlflow.db'}").get_run(run_id).data.metrics
     assert metrics["forget/image/all/mcq_acc"] == pytest.approx(logged["forget/image/all/mcq_acc"])
     assert len(metrics) == len(logged)
+
+
+def test_finetune_of_tiny_starts_from_the_tiny_recipe(tmp_path, data, monkeypatch):
+    """`--model tiny` (the default model) trains with TINY_VANILLA where the user set nothing; flags,
+    --config and --set win over it; a real checkpoint keeps the published defaults. Configs only: the
+    stage itself is replaced."""
+    import offside.stages
+    from offside.engine.trainer import TrainSpec
+    from offside.recipes import TINY_VANILLA
+
+    seen = []
+    monkeypatch.setattr(offside.stages, "finetune", lambda config: seen.append(config) or offside.stages.StageResult(tmp_path, "", {}))
+    file = tmp_path / "c.yaml"
+    file.write_text("train:\n  batch_size: 4\n")
+    stage = ["finetune", "--data", str(data), "--out", str(tmp_path / "o")]
+    assert main(stage + ["--model", "tiny"]) == 0
+    assert main(stage) == 0
+    assert main(stage + ["--model", "tiny", "--epochs", "2", "--config", str(file), "--set", "train.seed=3"]) == 0
+    assert main(stage + ["--model", "some/checkpoint"]) == 0
+    assert [c.train for c in seen] == [TINY_VANILLA, TINY_VANILLA, replace(TINY_VANILLA, epochs=2, batch_size=4, seed=3), TrainSpec()]
 
 
 def test_unknown_config_key(tmp_path, data, capsys):

@@ -1,7 +1,8 @@
 """`offside tune`: a Ray Tune sweep of unlearning trials (tune_jobs.trial), tracked in MLflow.
 
 Sweep directory `<storage>/<name>/`: Tune's experiment state, `sweep.yaml` (the resolved config, what
-`--resume` reads), `vanilla_metrics.json`, `trials/` (each trial's Ray Train run and checkpoints),
+`--resume` reads), `vanilla_metrics.json`, `vanilla_check.json` (offside/eval/sanity.py: has the vanilla
+model learned the benchmark? warned on stderr when not), `trials/` (each trial's Ray Train run and checkpoints),
 `workers/` (pid + epoch per trial rank), and at the end `results.csv`, `results.md`, `pareto.png`,
 `best.yaml` and `best_model/` (the best checkpoint exported as a loadable model directory). MLflow:
 `<storage>/mlflow.db` unless MLFLOW_TRACKING_URI is set."""
@@ -21,6 +22,7 @@ from offside.data.loader import load_benchmark
 from offside.data.rows import materialise
 from offside.errors import OffsideError
 from offside.eval.evaluate import evaluate
+from offside.eval.sanity import checked
 from offside.models.loading import LoraSpec, ModelSpec, build_or_load, save
 from offside.tracking import tracking_uri
 from tune_jobs import tracking
@@ -140,12 +142,15 @@ def check_resources(config: SweepConfig) -> None:
 
 
 def _vanilla_metrics(config: SweepConfig, sweep_dir: Path) -> dict[str, float]:
-    """The vanilla model's scores on the per-epoch suites (the summary's reference), computed once."""
+    """The vanilla model's scores on the per-epoch suites (the summary's reference), computed once,
+    with the vanilla check."""
     path = sweep_dir / "vanilla_metrics.json"
     if path.exists():
         return json.loads(path.read_text())
     bench = load_benchmark(config.data)
     model, processor = build_or_load(ModelSpec(config.vanilla))
+    check = checked(model, processor, bench, config.vanilla)
+    (sweep_dir / "vanilla_check.json").write_text(json.dumps(check, indent=2) + "\n")
     rows = {s: materialise(bench[s]) for s in config.epoch_eval.splits}
     metrics, _ = evaluate(model, processor, rows, config.epoch_eval, progress=False)
     path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
