@@ -115,6 +115,12 @@ def cmd_matrix(args) -> None:
     run_matrix(_config(MatrixConfig, args, MATRIX_FLAGS, recipe_config(args.recipe) if args.recipe else None))
 
 
+def cmd_export(args) -> None:
+    from offside.stages import export_merged
+
+    print(export_merged(args.model, args.out, args.dtype))
+
+
 def _names(value: str) -> list[str]:
     return [v for v in value.split(",") if v]
 
@@ -175,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     matrix = _stage_parser(sub, "matrix", "every method × scenario from one vanilla model → leaderboard", MATRIX_FLAGS, cmd_matrix)
     matrix.add_argument("--recipe", choices=["published", "tiny"], help="training specs and method arguments to start from")
+
+    export = sub.add_parser("export", help="merge a LoRA stage's adapter into its base: a plain model directory")
+    export.add_argument("--model", required=True, metavar="DIR", help="an adapter directory (or any model directory)")
+    export.add_argument("--out", required=True)
+    export.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16")
+    export.set_defaults(func=cmd_export)
 
     for module in COMMAND_PACKAGES:
         importlib.import_module(module).add_commands(sub)

@@ -33,6 +33,8 @@ from offside.unlearn import available, get_method
 class MatrixConfig:
     data: str = ""
     model: str = ""  # the vanilla model directory
+    dtype: str = "fp32"  # model.dtype and model.device of every cell (offside/models/loading.py)
+    device: str = "auto"
     out: str = ""
     methods: list[str] = field(default_factory=list)  # empty: every registered method
     scenarios: list[str] = field(default_factory=lambda: list(SCENARIOS))
@@ -45,6 +47,9 @@ class MatrixConfig:
     forget_fraction: float = 1.0
     eval: EvalSpec = field(default_factory=EvalSpec)
     allow_untrained: bool = False  # run even when the vanilla model has not learned the benchmark
+
+    def model_spec(self, name: str, **settings) -> ModelSpec:
+        return ModelSpec(name, dtype=self.dtype, device=self.device, **settings)
 
 
 def validate(config: MatrixConfig) -> list[str]:
@@ -94,7 +99,7 @@ def run_matrix(config: MatrixConfig, progress: bool = True) -> list[dict]:
 
 def check_vanilla(config: MatrixConfig) -> dict:
     """The vanilla check; an untrained model is an error unless allow_untrained (then a warning)."""
-    model, processor = build_or_load(ModelSpec(config.model))
+    model, processor = build_or_load(config.model_spec(config.model))
     result = vanilla_check(model, processor, load_benchmark(config.data))
     message = untrained(result, config.model)
     if message and not config.allow_untrained:
@@ -111,7 +116,7 @@ def _run_cell(config: MatrixConfig, out: Path, method: str, scenario: str, vanil
         result = unlearn(UnlearnConfig(
             data=config.data, out=str(out / name), method=method, scenario=scenario,
             method_args=config.method_args.get(method, {}), forget_fraction=config.forget_fraction,
-            model=ModelSpec(config.model, lora=config.lora, freeze_vision=config.freeze_vision),
+            model=config.model_spec(config.model, lora=config.lora, freeze_vision=config.freeze_vision),
             train=train_spec(config, method), relearn=config.relearn,
         ), progress, vanilla_check=vanilla)
         evaluated = _evaluate(config, result.run_dir, out / f"eval-{name}", progress)
@@ -127,4 +132,4 @@ def _run_cell(config: MatrixConfig, out: Path, method: str, scenario: str, vanil
 
 
 def _evaluate(config: MatrixConfig, model_dir: Path, out: Path, progress: bool):
-    return evaluate_model(EvalConfig(data=config.data, out=str(out), model=ModelSpec(str(model_dir)), eval=config.eval), progress)
+    return evaluate_model(EvalConfig(data=config.data, out=str(out), model=config.model_spec(str(model_dir)), eval=config.eval), progress)

@@ -180,6 +180,22 @@ def evaluate_model(config: EvalConfig, progress: bool = True) -> StageResult:
     return run_stage("eval", config, tags, body)
 
 
+def export_merged(model: str, out: str, dtype: str = "fp32") -> Path:
+    """`offside export`: a LoRA stage's adapter (and the adapters it was trained on) merged into its
+    base, saved as a plain model directory, with the stage's config.yaml and manifest.json (so the
+    report reads its method and scenario) and export.json naming what it came from."""
+    target = check_out(out)
+    source = Path(model)
+    merged, processor = build_or_load(ModelSpec(model, dtype=dtype, device="cpu"))
+    with atomic_dir(target) as tmp:
+        save(merged, processor, tmp, merge=True)
+        for name in ("config.yaml", "manifest.json"):
+            if (source / name).exists():
+                shutil.copy2(source / name, tmp / name)
+        (tmp / "export.json").write_text(json.dumps({"from": str(source.resolve()), "dtype": dtype}, indent=2) + "\n")
+    return target
+
+
 def _write_jsonl(path: Path, records: list[dict]) -> None:
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)

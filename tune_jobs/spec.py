@@ -17,7 +17,7 @@ from offside.errors import OffsideError
 from offside.eval.evaluate import EvalSpec, check
 from offside.eval.metrics import METRICS
 from offside.eval.summary import FORGET_SET, UTILITY_SETS
-from offside.models.loading import LoraSpec
+from offside.models.loading import DTYPES, LoraSpec
 from offside.recipes import TINY_UNLEARN
 from offside.unlearn import get_method
 
@@ -63,6 +63,8 @@ class SweepConfig:
     storage: str = "runs/tune"  # sweeps live in <storage>/<name>; shared storage (NFS) on a multi-node cluster
     data: str = ""
     vanilla: str = ""
+    dtype: str = "fp32"  # the vanilla model's dtype in trials, vanilla scoring and export (bf16 on GPUs)
+    device: str = "auto"  # the driver's scoring and export; trial ranks use the GPU Ray gives them
     methods: list[str] = field(default_factory=lambda: ["ga"])
     scenario: str = "complete"
     forget_fraction: float = 1.0
@@ -105,7 +107,7 @@ def validate(config: SweepConfig, source: str) -> None:
         if not getattr(config, key):
             fail(f"'{key}' is required")
     for key, value, valid in (("search", config.search, SEARCHERS), ("scheduler.name", config.scheduler.name, SCHEDULERS),
-                              ("objective.mode", config.objective.mode, OBJECTIVE_MODES), ("scenario", config.scenario, SCENARIOS)):
+                              ("objective.mode", config.objective.mode, OBJECTIVE_MODES), ("scenario", config.scenario, SCENARIOS), ("dtype", config.dtype, DTYPES)):
         if value not in valid:
             fail(f"'{key}': unknown {value!r} (valid: {', '.join(valid)})")
     if not config.methods:

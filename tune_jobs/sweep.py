@@ -148,7 +148,7 @@ def _vanilla_metrics(config: SweepConfig, sweep_dir: Path) -> dict[str, float]:
     if path.exists():
         return json.loads(path.read_text())
     bench = load_benchmark(config.data)
-    model, processor = build_or_load(ModelSpec(config.vanilla))
+    model, processor = build_or_load(ModelSpec(config.vanilla, dtype=config.dtype, device=config.device))
     check = checked(model, processor, bench, config.vanilla)
     (sweep_dir / "vanilla_check.json").write_text(json.dumps(check, indent=2) + "\n")
     rows = {s: materialise(bench[s]) for s in config.epoch_eval.splits}
@@ -164,7 +164,7 @@ def _static(config: SweepConfig, sweep_dir: Path, uri: str, parent: str, vanilla
     return {
         "sweep": config.name, "sweep_dir": str(sweep_dir), "train_storage": str(sweep_dir / "trials"),
         "tracking_uri": uri, "parent_run": parent, "data": config.data, "vanilla": config.vanilla,
-        "scenario": config.scenario, "modalities": ["image", "text"], "freeze_vision": config.freeze_vision,
+        "dtype": config.dtype, "scenario": config.scenario, "modalities": ["image", "text"], "freeze_vision": config.freeze_vision,
         "base": base, "epoch_eval": to_dict(config.epoch_eval), "objective": to_dict(config.objective),
         "resources": to_dict(config.resources), "max_failures": config.max_failures,
         "vanilla_metrics": vanilla_metrics,
@@ -362,7 +362,7 @@ def export_model(row: dict, config: SweepConfig, out: Path) -> Path:
     states = checkpoint / latest.read_text().strip() / "mp_rank_00_model_states.pt"
     settings = row["settings"]
     lora = from_dict(LoraSpec, settings["lora"]) if settings.get("lora") else None
-    model, processor = build_or_load(ModelSpec(config.vanilla, lora=lora))
+    model, processor = build_or_load(ModelSpec(config.vanilla, dtype=config.dtype, device=config.device, lora=lora))
     model.load_state_dict(torch.load(states, map_location="cpu", weights_only=False)["module"])
     tmp = out.parent / f".{out.name}.partial"
     tmp.mkdir(parents=True, exist_ok=True)

@@ -73,7 +73,8 @@ def train_worker(cfg: dict) -> None:
     streams = {"forget": training_rows(materialise(forget), cfg["modalities"]),
                "retain": training_rows(materialise(retain), cfg["modalities"])}
     lora = from_dict(LoraSpec, settings["lora"], "trial lora") if settings.get("lora") else None
-    model, processor = build_or_load(ModelSpec(cfg["vanilla"], freeze_vision=cfg["freeze_vision"], lora=lora), seed=spec.seed)
+    model, processor = build_or_load(ModelSpec(cfg["vanilla"], dtype=cfg["dtype"], freeze_vision=cfg["freeze_vision"], lora=lora),
+                                     seed=spec.seed)
     eval_spec = from_dict(EvalSpec, cfg["epoch_eval"], "epoch_eval")
     eval_rows = {s: materialise(bench[s]) for s in eval_spec.splits}
     objective = from_dict(ObjectiveSpec, cfg["objective"], "objective")

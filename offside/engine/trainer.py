@@ -216,7 +216,7 @@ def train(
 
 
 def _ds_config(spec: TrainSpec, model) -> dict:
-    bf16 = next(model.parameters()).dtype == torch.bfloat16
+    dtype = next(model.parameters()).dtype
     if spec.zero_stage not in (0, 1, 2, 3):
         raise OffsideError(f"train.zero_stage must be 0..3, got {spec.zero_stage}")
     config = {
@@ -224,7 +224,8 @@ def _ds_config(spec: TrainSpec, model) -> dict:
         "gradient_accumulation_steps": spec.grad_accum,
         "gradient_clipping": spec.max_grad_norm,
         "zero_optimization": {"stage": spec.zero_stage},
-        "bf16": {"enabled": bf16},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},  # with DeepSpeed's dynamic loss scaling
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -235,7 +236,7 @@ def _ds_config(spec: TrainSpec, model) -> dict:
 # DeepSpeed keys the engine sets from the stage config; a DeepSpeed file may repeat them, not change them.
 ENGINE_DS_KEYS = {"train_micro_batch_size_per_gpu": "train.batch_size", "gradient_accumulation_steps": "train.grad_accum",
                   "gradient_clipping": "train.max_grad_norm", "zero_optimization.stage": "train.zero_stage",
-                  "bf16.enabled": "model.dtype"}
+                  "bf16.enabled": "model.dtype", "fp16.enabled": "model.dtype"}
 
 
 def _with_deepspeed_file(config: dict, path: str) -> dict:

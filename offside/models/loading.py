@@ -1,11 +1,18 @@
 """Model zoo: the `tiny` model and real Qwen2.5-VL checkpoints (local path or hub id), one code path.
 
 A saved model directory is what `save_pretrained` writes (safetensors + config + tokenizer) plus
-`offside_model.json` (the image size the model was trained with)."""
+`offside_model.json` (the image size the model was trained with). An adapter directory is what a
+LoRA stage saves: PEFT's `adapter_config.json` + adapter weights (+ tokenizer and `offside_model.json`),
+whose `base_model_name_or_path` is the model it was trained on (a hub id, or a path relative to the
+adapter directory): a model directory or another adapter directory (LoRA unlearning of a
+LoRA-fine-tuned vanilla model). Loading an adapter loads its base (recursively) and merges the adapter
+in memory; with `model.lora` set the merged model gets fresh adapters, so a saved adapter holds
+exactly what its stage trained. `offside export` writes the merged model as a plain directory."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +27,9 @@ from offside.models.tiny import TinySpec, build_tiny
 
 META_FILE = "offside_model.json"
 REAL_IMAGE_SIZE = 252  # the published 256×256, rounded down to a multiple of 28 (81 visual tokens)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+ADAPTER_FILE = "adapter_config.json"
 hf_logging.disable_progress_bar()  # per-shard load/save bars; stages show their own progress
 
 # LoRA target groups: a regex over Qwen2.5-VL module names (`model.language_model...`, `model.visual...`)
@@ -56,18 +65,21 @@ class ModelSpec:
 
     name: str = "tiny"
     image_size: int | None = None  # None: the saved model's, else 56 for tiny / 252 for real models
-    dtype: str = "fp32"
+    dtype: str = "fp32"  # fp32 | bf16 | fp16: the weights' dtype in every stage, trial and replica
+    device: str = "auto"  # auto (this process's GPU when there is one, else the CPU) | cpu | cuda | cuda:N
     tiny: TinySpec = field(default_factory=TinySpec)
     lora: LoraSpec | None = None
     freeze_vision: bool = False
 
 
 def build_or_load(spec: ModelSpec, texts: list[str] | None = None, seed: int = 0):
-    """Returns (model, processor). `texts` train the tiny model's tokenizer when spec.name == "tiny"."""
+    """Returns (model, processor), the model in spec.dtype on spec.device. `texts` train the tiny
+    model's tokenizer when spec.name == "tiny"."""
     if spec.dtype not in DTYPES:
         raise OffsideError(f"model.dtype: unknown dtype {spec.dtype!r} (valid: {', '.join(DTYPES)})")
     if not spec.name:
         raise OffsideError("model: a model name or directory is required (--model)")
+    device = resolve_device(spec.device)
     if spec.name == "tiny":
         if texts is None:
             raise OffsideError("model 'tiny' is built from scratch and needs training text (use `offside finetune`)")
@@ -76,7 +88,7 @@ def build_or_load(spec: ModelSpec, texts: list[str] | None = None, seed: int = 0
     else:
         model, tokenizer, saved_size = _load_pretrained(spec.name, DTYPES[spec.dtype])
         image_size = spec.image_size or saved_size
-    model.to(DTYPES[spec.dtype])
+    model.to(device=device, dtype=DTYPES[spec.dtype])
     if spec.freeze_vision:
         for p in model.model.visual.parameters():
             p.requires_grad_(False)
@@ -85,18 +97,59 @@ def build_or_load(spec: ModelSpec, texts: list[str] | None = None, seed: int = 0
     return model, Processor(tokenizer, image_size, model.config.vision_config.spatial_merge_size)
 
 
+def resolve_device(device: str) -> torch.device:
+    """The one place a device setting is resolved. `auto` is this process's GPU when torch sees one
+    (cuda:$LOCAL_RANK under a launcher or Ray Train, the device DeepSpeed's engine uses), else the CPU."""
+    if device == "auto":
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise OffsideError(f"model.device: {device!r} is not a device (valid: auto, cpu, cuda, cuda:N)")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise OffsideError(f"model.device: {device} asked for, but torch sees no CUDA GPU (use auto or cpu)")
+    return torch.device(device)
+
+
 def _load_pretrained(name: str, dtype: torch.dtype):
+    """(model, tokenizer, image size) of a model directory, hub id or adapter directory (merged)."""
     path = Path(name)
+    if (path / ADAPTER_FILE).exists():
+        return _load_adapter(path, dtype)
     if path.exists() and not (path / "config.json").exists():
-        raise OffsideError(f"{path}: not a model directory (no config.json)")
+        raise OffsideError(f"{path}: not a model directory (no config.json) nor an adapter directory ({ADAPTER_FILE})")
     try:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(name)
     except OSError as err:
         raise OffsideError(f"cannot load model {name!r}: {err}") from err
+    if path.exists():
+        model.config._name_or_path = str(path.resolve())  # what a LoRA stage on top of it names as its base
+    return model, tokenizer, _saved_image_size(path)
+
+
+def _load_adapter(path: Path, dtype: torch.dtype):
+    from peft import PeftModel
+
+    model, tokenizer, _ = _load_pretrained(adapter_base(path), dtype)
+    merged = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    merged.config._name_or_path = str(path.resolve())
+    return merged, tokenizer, _saved_image_size(path)
+
+
+def adapter_base(path: Path) -> str:
+    """An adapter directory's base: an absolute directory (stored relative to the adapter, so a tree of
+    runs can move as a whole) or a hub id."""
+    stored = json.loads((path / ADAPTER_FILE).read_text()).get("base_model_name_or_path") or ""
+    local = path / stored
+    if stored and local.exists():
+        return str(local.resolve())
+    if not stored or Path(stored).is_absolute() or stored.startswith("."):
+        raise OffsideError(f"{path}: its base model {stored!r} does not exist ({ADAPTER_FILE} base_model_name_or_path)")
+    return stored
+
+
+def _saved_image_size(path: Path) -> int:
     meta = path / META_FILE
-    saved_size = json.loads(meta.read_text())["image_size"] if meta.exists() else REAL_IMAGE_SIZE
-    return model, tokenizer, saved_size
+    return json.loads(meta.read_text())["image_size"] if meta.exists() else REAL_IMAGE_SIZE
 
 
 def apply_lora(model, lora: LoraSpec, seed: int = 0):
@@ -130,10 +183,26 @@ def _group_pattern(model, lora: LoraSpec, group: str) -> str:
     return f"(?:{pattern})"
 
 
-def save(model, processor: Processor, out_dir: Path) -> None:
-    """Saves a plain (merged) model that loads by path like any checkpoint."""
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    model.save_pretrained(out_dir, safe_serialization=True)
+def save(model, processor: Processor, out_dir: Path, merge: bool = False) -> None:
+    """Saves what loads by path. A LoRA model whose base is a saved model (or adapter) directory saves
+    its adapter only (MBs where a merged 7B model is 15 GB) unless `merge`; otherwise the full model
+    (LoRA merged, which changes `model` in place)."""
+    base = _trained_on(model)
+    if base and not merge:
+        local = Path(base).exists()
+        model.peft_config["default"].base_model_name_or_path = os.path.relpath(base, out_dir.resolve()) if local else base
+        model.save_pretrained(out_dir, safe_serialization=True, save_embedding_layers=False)  # never adapted
+    else:
+        if hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+        model.save_pretrained(out_dir, safe_serialization=True)
     processor.tokenizer.save_pretrained(out_dir)
     (out_dir / META_FILE).write_text(json.dumps({"image_size": processor.image_size}, indent=2) + "\n")
+
+
+def _trained_on(model) -> str | None:
+    """What a LoRA model's adapters were put on (an absolute directory or a hub id); None for a plain
+    model or the tiny model built from scratch, which is nowhere to load from."""
+    if not hasattr(model, "peft_config"):
+        return None
+    return model.get_base_model().config._name_or_path or None

@@ -39,9 +39,10 @@ class ReferenceMethod(Method):
 
     def setup(self, model, device) -> None:
         if self.reference != "vanilla":
-            from offside.models.loading import ModelSpec, build_or_load
+            from offside.models.loading import DTYPE_NAMES, ModelSpec, build_or_load
 
-            reference, _ = build_or_load(ModelSpec(self.reference))
+            dtype = DTYPE_NAMES[next(model.parameters()).dtype]  # the training dtype, on the training device
+            reference, _ = build_or_load(ModelSpec(self.reference, dtype=dtype, device=str(device)))
         elif hasattr(model, "disable_adapter"):
             reference = _AdaptersOff(model)
         else:

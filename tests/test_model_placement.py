@@ -1,0 +1,114 @@
+"""Where and how stages hold the model: one device setting, one dtype for every model a stage loads
+(reference models included), and LoRA stages that save their adapter (what every loader reads)
+rather than a merged copy of the base."""
+
+import json
+import shutil
+from dataclasses import replace
+
+import pytest
+import torch
+
+from offside.cli import main
+from offside.config import from_dict
+from offside.data.loader import load_benchmark
+from offside.data.rows import materialise
+from offside.engine.trainer import TrainSpec
+from offside.errors import OffsideError
+from offside.eval.evaluate import EvalSpec, evaluate
+from offside.models.loading import LoraSpec, ModelSpec, build_or_load, resolve_device
+from offside.stages import UnlearnConfig, export_merged, unlearn
+from offside.unlearn import get_method
+from tune_jobs.spec import sweep_from_dict
+from tune_jobs.sweep import _static
+
+GOLDEN = "tests/golden"
+SPEC = EvalSpec(splits=["forget", "retain"], forms=["mcq", "gen"], limit=6)
+ONE_EPOCH = TrainSpec(epochs=1, lr=3e-3, batch_size=8, warmup_ratio=0.0)
+
+
+def test_the_device_setting_is_resolved_in_one_place():
+    assert resolve_device("auto") == torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(OffsideError, match=r"model.device: 'gpu' is not a device \(valid: auto, cpu, cuda, cuda:N\)"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(OffsideError, match="model.device: cuda:1 asked for, but torch sees no CUDA GPU"):
+            build_or_load(ModelSpec(f"{GOLDEN}/model", device="cuda:1"))
+    config = from_dict(UnlearnConfig, {"model": {"device": "cpu", "dtype": "bf16"}}, "cfg")
+    assert (config.model.device, config.model.dtype) == ("cpu", "bf16")
+
+
+@pytest.mark.parametrize("dtype, torch_dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_every_model_of_a_stage_is_in_the_configured_dtype(dtype, torch_dtype):
+    model, _ = build_or_load(ModelSpec(f"{GOLDEN}/model", dtype=dtype))
+    assert {p.dtype for p in model.parameters()} == {torch_dtype}
+    npo = get_method("npo", {"reference": f"{GOLDEN}/model"})
+    npo.setup(model, torch.device("cpu"))
+    assert {p.dtype for p in npo.reference_model.parameters()} == {torch_dtype}
+
+
+def test_a_sweep_carries_its_dtype_to_its_trials(tmp_path):
+    base = {"name": "s", "data": "d", "vanilla": "v", "search_space": {"train.lr": {"choice": [1e-3]}}}
+    config = sweep_from_dict({**base, "dtype": "bf16"})
+    assert _static(config, tmp_path, "sqlite://", "parent", {})["dtype"] == "bf16"  # what train_worker loads with
+    with pytest.raises(OffsideError, match="'dtype': unknown 'fp64'"):
+        sweep_from_dict({**base, "dtype": "fp64"})
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """The golden vanilla model copied into a runs tree, a GA unlearning with LoRA on it, and a
+    second LoRA stage (GD) on top of GA's adapter."""
+    runs = tmp_path_factory.mktemp("runs")
+    shutil.copytree(f"{GOLDEN}/model", runs / "vanilla")
+    lora = LoraSpec(r=4, groups=["language", "vision"])
+    first = UnlearnConfig(data=f"{GOLDEN}/data", out=str(runs / "ga"), method="ga", train=ONE_EPOCH,
+                          model=ModelSpec(str(runs / "vanilla"), lora=lora))
+    unlearn(first, progress=False)
+    unlearn(replace(first, out=str(runs / "gd"), method="gd", model=ModelSpec(str(runs / "ga"), lora=lora)), progress=False)
+    return runs
+
+
+def _scores(model_dir: str) -> dict[str, float]:
+    model, processor = build_or_load(ModelSpec(model_dir))
+    bench = load_benchmark(f"{GOLDEN}/data")
+    rows = {s: materialise(bench[s]) for s in SPEC.splits}
+    return evaluate(model.eval(), processor, rows, SPEC, progress=False)[0]
+
+
+def test_a_lora_stage_saves_its_adapter_relative_to_its_base(adapters):
+    ga = adapters / "ga"
+    assert (ga / "adapter_model.safetensors").exists() and not (ga / "model.safetensors").exists()
+    assert (ga / "adapter_model.safetensors").stat().st_size < (adapters / "vanilla" / "model.safetensors").stat().st_size / 5
+    assert json.loads((ga / "adapter_config.json").read_text())["base_model_name_or_path"] == "../vanilla"
+    assert json.loads((adapters / "gd" / "adapter_config.json").read_text())["base_model_name_or_path"] == "../ga"
+    assert _scores(str(ga)) != _scores(str(adapters / "vanilla"))  # the adapter is what unlearning changed
+
+
+def test_an_adapter_scores_as_its_merged_export_and_moves_with_its_tree(adapters, tmp_path):
+    for name in ("ga", "gd"):
+        assert main(["export", "--model", str(adapters / name), "--out", str(tmp_path / f"{name}-merged")]) == 0
+        merged = tmp_path / f"{name}-merged"
+        assert (merged / "model.safetensors").exists() and (merged / "config.yaml").exists()
+        assert json.loads((merged / "export.json").read_text())["from"] == str(adapters / name)
+        assert _scores(str(adapters / name)) == _scores(str(merged))
+    moved = tmp_path / "moved"
+    shutil.copytree(adapters, moved, ignore=shutil.ignore_patterns("mlflow.db"))
+    assert _scores(str(moved / "gd")) == _scores(str(tmp_path / "gd-merged"))
+    with pytest.raises(OffsideError, match="its base model '../ga' does not exist"):
+        shutil.rmtree(moved / "ga")
+        build_or_load(ModelSpec(str(moved / "gd")))
+
+
+def test_lora_on_an_adapter_starts_from_that_adapters_model(adapters):
+    """NPO's and KL's "vanilla" reference is the model with its adapters off: for LoRA on a saved
+    adapter that must be the adapted model it was trained from, not the adapter's own base."""
+    loaded, processor = build_or_load(ModelSpec(str(adapters / "ga"), lora=LoraSpec(r=4)))
+    plain, _ = build_or_load(ModelSpec(str(adapters / "ga")))
+    rows = materialise(load_benchmark(f"{GOLDEN}/data")["forget"])[:4]
+    inputs = processor.encode([r["question"] for r in rows], [r["image"] for r in rows]).inputs
+    with torch.no_grad(), loaded.disable_adapter():
+        assert torch.equal(loaded.eval()(**inputs).logits, plain.eval()(**inputs).logits)
+    with pytest.raises(OffsideError, match="already exists"):
+        export_merged(str(adapters / "ga"), str(adapters / "vanilla"))
