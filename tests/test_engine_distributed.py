@@ -4,10 +4,12 @@ two gloo ranks, each on its own shard, end with identical weights."""
 import json
 import os
 import socket
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -40,3 +42,58 @@ def test_two_ranks_share_one_model(tmp_path):
     assert ranks[0]["steps"] == ranks[1]["steps"] == 4  # 8 rows / 2 ranks / batch 2, × 2 epochs
     assert ranks[0]["checksum"] == ranks[1]["checksum"]  # gradients were averaged across ranks
     assert ranks[0]["losses"] != ranks[1]["losses"]  # each rank saw its own shard
+
+
+LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "groups": ["language", "vision"]}
+
+
+def _zero3_worker(rank: int, world: int, port: int, out: str) -> None:
+    """ZeRO-3 with LoRA on the golden model: each rank checkpoints into the shared directory (as a
+    trial's ranks do into its Ray Train checkpoint); rank 0 records the adapter weights, gathered."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    import deepspeed  # noqa: PLC0415
+
+    from offside.data.loader import load_benchmark
+    from offside.data.rows import materialise
+    from offside.engine.finetune import FineTune
+    from offside.engine.trainer import TrainSpec, train
+    from offside.models.loading import LoraSpec, ModelSpec, build_or_load
+
+    rows = [r for r in materialise(load_benchmark("tests/golden/data")["forget"]) if r["form"] == "gen"][:16]
+    model, processor = build_or_load(ModelSpec("tests/golden/model", lora=LoraSpec(**LORA)))
+    spec = TrainSpec(epochs=1, batch_size=2, lr=3e-3, warmup_ratio=0.0, zero_stage=3)
+    train(model, processor, FineTune(), {"train": rows}, spec, checkpoint_dir=Path(out) / "checkpoint", progress=False)
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters([p for _, p in trained]):
+        if rank == 0:
+            torch.save({n: p.detach().clone() for n, p in trained}, Path(out) / "gathered.pt")
+    dist.destroy_process_group()
+
+
+def test_a_zero3_trial_checkpoint_exports_the_weights_it_trained(tmp_path):
+    """ZeRO-3 partitions the weights across the ranks' checkpoint files (there is no
+    mp_rank_00_model_states.pt): the sweep's export consolidates them into the trained adapter."""
+    from offside.models.loading import ModelSpec, build_or_load
+    from tune_jobs.spec import SweepConfig
+    from tune_jobs.sweep import export_model
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_zero3_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    assert not list((tmp_path / "checkpoint").rglob("mp_rank_00_model_states.pt"))
+    row = {"checkpoint_path": str(tmp_path / "checkpoint"), "trial_id": "t0", "epoch": 1, "objective": 0.0,
+           "settings": {"method": "ga", "lora": LORA, "train": {"seed": 0}}}
+    config = SweepConfig(name="z3", data="tests/golden/data", vanilla=str(Path("tests/golden/model").resolve()), device="cpu")
+    exported = export_model(row, config, tmp_path / "best_model")
+    assert (exported / "adapter_config.json").exists()
+
+    gathered = torch.load(tmp_path / "gathered.pt")
+    saved = load_file(exported / "adapter_model.safetensors")
+    assert len(saved) == len(gathered) and any("lora_B" in n and w.abs().sum() > 0 for n, w in gathered.items())
+    for name, weight in gathered.items():
+        assert torch.equal(saved[name.replace(".default", "")], weight), name
+    build_or_load(ModelSpec(str(exported)))  # and it loads by path, as serve and eval load it

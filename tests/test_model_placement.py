@@ -112,3 +112,19 @@ def test_lora_on_an_adapter_starts_from_that_adapters_model(adapters):
         assert torch.equal(loaded.eval()(**inputs).logits, plain.eval()(**inputs).logits)
     with pytest.raises(OffsideError, match="already exists"):
         export_merged(str(adapters / "ga"), str(adapters / "vanilla"))
+
+
+def test_a_zero3_stage_saves_the_weights_it_trained(tmp_path):
+    """ZeRO-3 partitions the parameters (each holds an empty tensor between forward passes); the
+    stage's save gathers them, so its adapter matches the same run under ZeRO-0."""
+    from safetensors.torch import load_file
+
+    saved = {}
+    for stage in (0, 3):
+        config = UnlearnConfig(data=f"{GOLDEN}/data", out=str(tmp_path / f"zero{stage}"), method="ga",
+                               train=replace(ONE_EPOCH, zero_stage=stage), model=ModelSpec(f"{GOLDEN}/model", lora=LoraSpec(r=4)))
+        saved[stage] = load_file(unlearn(config, progress=False).run_dir / "adapter_model.safetensors")
+    assert saved[0].keys() == saved[3].keys()
+    assert any(w.abs().sum() > 0 for n, w in saved[3].items() if "lora_B" in n)
+    for name, weight in saved[0].items():
+        assert torch.allclose(saved[3][name], weight, atol=1e-5), name

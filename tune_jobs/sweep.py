@@ -350,20 +350,30 @@ def _plot(rows: list[dict], front: set[str], a: str, b: str, path: Path) -> None
     plt.close(fig)
 
 
-def export_model(row: dict, config: SweepConfig, out: Path) -> Path:
-    """Rebuilds the trial's model (vanilla + its LoRA settings) and loads the weights of its best
-    epoch's DeepSpeed checkpoint; saves a model directory that loads by path (LoRA merged)."""
+def checkpoint_weights(checkpoint: Path, tag: str) -> dict:
+    """The module's weights in a DeepSpeed checkpoint of any ZeRO stage. Stages 1–3 keep the fp32
+    master weights partitioned across the ranks' `zero_pp_rank_*` files (ZeRO-3 the module too), which
+    DeepSpeed's consolidation gathers, on the CPU, without a process group; stage 0 keeps one whole copy."""
+    if any((checkpoint / tag).glob("zero_pp_rank_*_optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=tag)
     import torch
 
+    return torch.load(checkpoint / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+
+
+def export_model(row: dict, config: SweepConfig, out: Path) -> Path:
+    """Rebuilds the trial's model (vanilla + its LoRA settings) and loads the weights of its best
+    epoch's DeepSpeed checkpoint; saves what loads by path (with LoRA, the adapter on the vanilla model)."""
     checkpoint = Path(row["checkpoint_path"] or "")
     latest = checkpoint / "latest"
     if not latest.exists():
         raise OffsideError(f"trial {row['trial_id']}: its best checkpoint {checkpoint} is gone or not a DeepSpeed checkpoint")
-    states = checkpoint / latest.read_text().strip() / "mp_rank_00_model_states.pt"
     settings = row["settings"]
     lora = from_dict(LoraSpec, settings["lora"]) if settings.get("lora") else None
     model, processor = build_or_load(ModelSpec(config.vanilla, dtype=config.dtype, device=config.device, lora=lora))
-    model.load_state_dict(torch.load(states, map_location="cpu", weights_only=False)["module"])
+    model.load_state_dict(checkpoint_weights(checkpoint, latest.read_text().strip()))
     tmp = out.parent / f".{out.name}.partial"
     tmp.mkdir(parents=True, exist_ok=True)
     save(model, processor, tmp)
