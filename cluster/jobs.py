@@ -22,11 +22,13 @@ from urllib.parse import urlsplit
 import yaml
 
 from offside.errors import OffsideError
+from offside.provenance import GIT_SHA_ENV, git_sha
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 CONNECT_TIMEOUT_S = 5.0
 # Read from the submitting shell and passed to the job unless the runtime env sets them.
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "OFFSIDE_EXPERIMENT")
+RUNS_DIR_ENV = "OFFSIDE_RUNS_DIR"
 TERMINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
 # The entrypoint runs with the cluster's PATH: on the node image (cluster/docker/Dockerfile) `python`
 # is the interpreter the project is installed in. A dashboard port-forwarded to localhost is still a
@@ -170,8 +172,11 @@ def validate_runtime_env(data: object, source: str) -> dict:
     return dict(data)
 
 
-def entrypoint(command: list[str], python: str) -> str:
-    """The shell command the job runs: `<python> -m offside.cli <command>`."""
+def entrypoint(command: list[str], python: str, runs_dir: str | None = None) -> str:
+    """The shell command the job runs: `<python> -m offside.cli <command>`. With `runs_dir` (the
+    runtime env's OFFSIDE_RUNS_DIR, e.g. the shared volume's /mnt/shared/runs) the job first links
+    `runs` in its working dir to it: the upload excludes runs/, so relative `runs/...` paths in the
+    command and its configs reach the shared volume as they do in the node image's own directory."""
     if command and command[0] == "--":
         command = command[1:]
     if command and command[0] == "offside":
@@ -181,7 +186,8 @@ def entrypoint(command: list[str], python: str) -> str:
     from offside.cli import build_parser
 
     build_parser().parse_args(command)  # a typo fails here (argparse exits 2), not on the cluster
-    return shlex.join([python, "-m", "offside.cli", *command])
+    line = shlex.join([python, "-m", "offside.cli", *command])
+    return f"ln -sfn {shlex.quote(runs_dir)} runs && {line}" if runs_dir else line
 
 
 def parse_env(items: list[str]) -> dict[str, str]:
@@ -196,7 +202,8 @@ def parse_env(items: list[str]) -> dict[str, str]:
 
 def build_runtime_env(runtime_env_file: str | None, working_dir: str | None, env: dict[str, str]) -> dict:
     """The file's runtime env; --env on top; MLFLOW_TRACKING_URI and OFFSIDE_EXPERIMENT from this
-    shell where the file does not set them. Working dir: --working-dir, else the file's, else '.'."""
+    shell where the file does not set them; OFFSIDE_GIT_SHA, this checkout's commit. Working dir:
+    --working-dir, else the file's, else '.'."""
     runtime_env = load_runtime_env(runtime_env_file) if runtime_env_file else {}
     if working_dir is not None or "working_dir" not in runtime_env:
         runtime_env = validate_runtime_env({**runtime_env, "working_dir": working_dir or "."}, "--working-dir")
@@ -205,6 +212,7 @@ def build_runtime_env(runtime_env_file: str | None, working_dir: str | None, env
         if name not in env_vars and os.environ.get(name):
             env_vars[name] = os.environ[name]
     env_vars.update(env)
+    env_vars.setdefault(GIT_SHA_ENV, git_sha())  # the uploaded working dir has no .git for the manifests to read
     if env_vars:
         runtime_env["env_vars"] = env_vars
     return runtime_env
@@ -221,7 +229,7 @@ def submit(
     """Submits `offside <command>`; returns (address, job id). Everything local is checked first."""
     runtime_env = build_runtime_env(runtime_env_file, working_dir, env or {})
     address = resolve_address(address)
-    line = entrypoint(command, python or DEFAULT_PYTHON)
+    line = entrypoint(command, python or DEFAULT_PYTHON, runtime_env.get("env_vars", {}).get(RUNS_DIR_ENV))
     address, client = connect(address)
     job_id = f"offside-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     with api_errors(address):

@@ -8,7 +8,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -29,7 +28,8 @@ from offside.errors import OffsideError
 from offside.eval.evaluate import EvalSpec, check, evaluate
 from offside.eval.sanity import checked
 from offside.eval.suites import RobustnessSpec, UtilitySpec, check_suites, run_suites
-from offside.models.loading import ModelSpec, build_or_load, save
+from offside.models.loading import ModelSpec, build_or_load, resolve_device, save
+from offside.provenance import git_sha, model_provenance
 from offside.recipes import PUBLISHED_RELEARN
 from offside.tracking import Run, stage_run
 from offside.unlearn import get_method
@@ -249,7 +249,7 @@ def run_stage(stage: str, config, tags: dict[str, str], body: Callable[[Path, Ru
         (tmp / "manifest.json").write_text(json.dumps(entries, indent=2) + "\n")
         run.log_metrics(metrics)
         run.log_artifacts(tmp)
-    return StageResult(out, run.run_id, metrics)
+    return StageResult(out.resolve(), run.run_id, metrics)  # absolute: results files are read from anywhere
 
 
 @contextmanager
@@ -290,20 +290,25 @@ def _manifest(stage: str, config, started: float, run_id: str) -> dict:
         "seed": getattr(getattr(config, "train", None), "seed", None),
         "data": str(Path(config.data).resolve()),
         "data_hash": data_hash(config.data),
-        "git_sha": _git_sha(),
+        "git_sha": git_sha(),
         "versions": {
             "offside": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "deepspeed": deepspeed.__version__,
         },
+        **_model_manifest(config),
         "mlflow_run_id": run_id,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "wall_time_s": round(time.time() - started, 3),
     }
 
 
-def _git_sha() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
+def _model_manifest(config) -> dict:
+    """The model a stage started from and how it ran: path, revision, content hash, dtype, device
+    type, world size and ZeRO stage."""
+    import torch.distributed as dist
+
+    train = getattr(config, "train", None)
+    return {**model_provenance(config.model.name), "dtype": config.model.dtype,
+            "device": resolve_device(config.model.device).type,
+            "world_size": dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1,
+            "zero_stage": train.zero_stage if train else None}

@@ -12,6 +12,7 @@ import pytest
 
 from cluster.local import LocalCluster, free_port
 from offside.cli import main
+from offside.provenance import git_sha
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,7 +66,22 @@ def test_submit_wait_status_logs_list(token_cluster, tmp_path):
 
     env_vars = JobSubmissionClient(token_cluster.address, headers={"Authorization": f"Bearer {token_cluster.auth_token}"}) \
         .get_job_info(job_id).runtime_env["env_vars"]
-    assert env_vars == {"OFFSIDE_EXPERIMENT": "cluster-test", "FROM_FILE": "flag", "MLFLOW_TRACKING_URI": "http://mlflow.example:5000"}
+    assert env_vars == {"OFFSIDE_EXPERIMENT": "cluster-test", "FROM_FILE": "flag", "MLFLOW_TRACKING_URI": "http://mlflow.example:5000",
+                        "OFFSIDE_GIT_SHA": git_sha()}  # the upload has no .git; manifests read the commit from here
+    assert len(git_sha()) == 40
+
+
+def test_relative_runs_paths_reach_the_runs_dir_of_the_runtime_env(token_cluster, tmp_path):
+    """The upload excludes runs/; with OFFSIDE_RUNS_DIR (the shared volume) `runs/...` resolves there."""
+    shared = tmp_path / "shared-runs"
+    main(["data", "synth", "--out", str(shared / "bench"), "--players", "2"])
+    runtime_env = tmp_path / "runtime_env.yaml"
+    runtime_env.write_text(f"env_vars:\n  OFFSIDE_RUNS_DIR: {shared}\nexcludes: [runs/]\n")
+    proc = offside("submit", "--address", token_cluster.address, "--runtime-env", str(runtime_env), "--wait",
+                   "--", "data", "stats", "runs/bench", "--json", env=token_cluster.env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    here = offside("data", "stats", str(shared / "bench"), "--json", env=token_cluster.env())
+    assert here.returncode == 0 and here.stdout.strip() in proc.stdout  # the job read the same benchmark
 
 
 def test_stop_a_running_job(token_cluster):

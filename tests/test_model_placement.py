@@ -4,6 +4,7 @@ rather than a merged copy of the base."""
 
 import json
 import shutil
+from pathlib import Path
 from dataclasses import replace
 
 import pytest
@@ -128,3 +129,23 @@ def test_a_zero3_stage_saves_the_weights_it_trained(tmp_path):
     assert any(w.abs().sum() > 0 for n, w in saved[3].items() if "lora_B" in n)
     for name, weight in saved[0].items():
         assert torch.allclose(saved[3][name], weight, atol=1e-5), name
+
+
+def test_manifests_record_the_model_and_reports_read_them_from_anywhere(adapters, monkeypatch, tmp_path):
+    from offside.provenance import directory_sha256
+    from offside.report.report import load_run
+    from offside.stages import EvalConfig, evaluate_model
+
+    manifest = json.loads((adapters / "gd" / "manifest.json").read_text())
+    assert manifest["model_path"] == str(adapters / "ga") and manifest["model_revision"] is None
+    assert manifest["model_sha256"] == directory_sha256(adapters / "ga") != directory_sha256(adapters / "vanilla")
+    assert (manifest["dtype"], manifest["device"], manifest["world_size"], manifest["zero_stage"]) == ("fp32", "cpu", 1, 0)
+
+    data = str(Path(f"{GOLDEN}/data").resolve())
+    monkeypatch.chdir(adapters)  # an eval named with relative paths, as a user in the runs tree types it
+    result = evaluate_model(EvalConfig(data=data, out="eval-gd", model=ModelSpec("gd"),
+                                       eval=EvalSpec(splits=["forget"], forms=["mcq"], limit=2), suites=["efficacy"]), progress=False)
+    assert result.run_dir == adapters / "eval-gd"
+    monkeypatch.chdir(tmp_path)
+    run = load_run(result.run_dir)
+    assert (run.method, run.scenario) == ("gd", "complete")

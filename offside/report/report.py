@@ -56,7 +56,8 @@ def load_run(path: Path) -> RunInfo:
     metrics = json.loads((path / "metrics.json").read_text())
     manifest = json.loads((path / "manifest.json").read_text())
     config = yaml.safe_load((path / "config.yaml").read_text()) or {}
-    model_dir = Path(config.get("model", {}).get("name", ""))
+    # The manifest's absolute model_path; config.yaml holds the name as given (relative to where it ran).
+    model_dir = Path(manifest.get("model_path") or config.get("model", {}).get("name", ""))
     model_config = _read_yaml(model_dir / "config.yaml")
     model_manifest = _read_json(model_dir / "manifest.json")
     stage = model_manifest.get("stage", "")
