@@ -130,3 +130,32 @@ def test_augmented_views_keep_size_and_follow_the_seed():
     assert all(v.size == photo.size for v in views)
     assert any(v.tobytes() != photo.tobytes() for v in views) and any(v is photo for v in views)
     assert augment(photo, random.Random(3)).tobytes() == views[3].tobytes()
+
+
+def test_losses_project_only_the_answer_positions_onto_the_vocabulary(base):
+    """Same per-sequence NLL and KL as log-softmax over every position, from logits of a few positions."""
+    import torch.nn.functional as F
+
+    from offside.engine.losses import answer_logits, kl_ref_to_theta
+
+    model, processor = base
+    rows = _rows(4)
+    inputs = processor.encode([r["question"] for r in rows], [r["image"] for r in rows], [r["answer"] for r in rows]).inputs
+    labels = inputs["labels"]
+    with torch.no_grad():
+        full = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+        logits, targets = answer_logits(model, inputs)
+    answered = (labels[:, 1:] != -100).any(0).sum().item()
+    assert logits.shape == (4, answered, full.shape[-1]) and answered < labels.shape[1] / 3
+
+    mask = labels[:, 1:] != -100
+    every = torch.gather(F.log_softmax(full[:, :-1], -1), 2, labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    expected = -(every * mask).sum(-1)
+    assert torch.allclose(sequence_nll(model, inputs, reduce="sum").detach(), expected, rtol=1e-5)
+    assert (targets != -100).sum() == mask.sum()
+
+    shifted = full + torch.randn_like(full)  # a reference model that disagrees
+    ref = shifted[:, :-1][:, (labels[:, 1:] != -100).any(0)]
+    log_theta, log_ref = F.log_softmax(full[:, :-1], -1), F.log_softmax(shifted[:, :-1], -1)
+    per_position = (log_ref.exp() * (log_ref - log_theta)).sum(-1)
+    assert torch.allclose(kl_ref_to_theta(logits, ref, targets), (per_position * mask).sum() / mask.sum(), rtol=1e-5)

@@ -29,9 +29,10 @@ class FixedModel:
         self.logits = torch.randn(8, LENGTH, VOCAB, generator=g)
         self.hidden = torch.randn(8, LENGTH, 3, generator=g)
 
-    def __call__(self, input_ids, output_hidden_states=False, **_):
+    def __call__(self, input_ids, output_hidden_states=False, logits_to_keep=None, **_):
         rows = input_ids[:, 0]
-        out = SimpleNamespace(logits=self.logits[rows])
+        logits = self.logits[rows]  # as transformers' models: logits only at the positions to keep
+        out = SimpleNamespace(logits=logits if logits_to_keep is None else logits[:, logits_to_keep])
         if output_hidden_states:
             out.hidden_states = tuple(self.hidden[rows] * (i + 1) for i in range(3))
         return out

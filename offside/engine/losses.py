@@ -1,6 +1,7 @@
 """Likelihood building blocks shared by every objective. Only answer tokens count (labels mask the
-prompt, the image and padding). Functions of logits are separate from model calls so that losses
-can be checked on hand-made logits."""
+prompt, the image and padding), and only the positions that predict them are projected onto the
+vocabulary. Functions of logits are separate from model calls so that losses can be checked on
+hand-made logits (aligned: logits[:, i] predicts targets[:, i])."""
 
 from __future__ import annotations
 
@@ -8,33 +9,39 @@ import torch
 import torch.nn.functional as F
 
 
-def logits_of(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    return model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+def answer_logits(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, targets) at the positions that predict an answer token in some row of the batch:
+    logits (batch, positions, vocab), targets (batch, positions), -100 where a row has no answer token
+    there. The model projects only those positions onto the vocabulary (`logits_to_keep`): at Qwen's
+    151,936 tokens, logits over every image and prompt position would be most of a step's memory."""
+    labels = inputs["labels"]
+    positions = (labels[:, 1:] != -100).any(0).nonzero().squeeze(-1)
+    logits = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=positions).logits
+    return logits, labels[:, positions + 1]
 
 
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities of the labelled next tokens and their mask, both (batch, seq-1)."""
-    targets = labels[:, 1:]
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the targets (-100: none) under the logits at the same position, and the mask."""
     mask = targets != -100
-    logprobs = torch.gather(F.log_softmax(logits[:, :-1].float(), dim=-1), 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    logprobs = torch.gather(F.log_softmax(logits.float(), dim=-1), 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return logprobs * mask, mask
 
 
-def nll_from_logits(logits: torch.Tensor, labels: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
+def nll_from_logits(logits: torch.Tensor, targets: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
     """Per-sequence answer NLL, shape (batch,): summed over answer tokens, or their mean."""
-    logprobs, mask = token_logprobs(logits, labels)
+    logprobs, mask = token_logprobs(logits, targets)
     total = -logprobs.sum(-1)
     return total if reduce == "sum" else total / mask.sum(-1).clamp(min=1)
 
 
 def answer_logprobs(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    return token_logprobs(logits_of(model, inputs), inputs["labels"])
+    return token_logprobs(*answer_logits(model, inputs))
 
 
 def sequence_nll(model, inputs: dict[str, torch.Tensor], reduce: str = "mean") -> torch.Tensor:
     """NLL of each sequence's answer, shape (batch,): mean over its tokens, or (reduce="sum") the
     negative log-likelihood of the whole answer."""
-    return nll_from_logits(logits_of(model, inputs), inputs["labels"], reduce)
+    return nll_from_logits(*answer_logits(model, inputs), reduce)
 
 
 def token_nll(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -43,11 +50,11 @@ def token_nll(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return -logprobs.sum() / mask.sum().clamp(min=1)
 
 
-def kl_ref_to_theta(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def kl_ref_to_theta(logits: torch.Tensor, ref_logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """KL(p_ref ‖ p_θ) of the next-token distributions, averaged over answer positions only."""
-    mask = (labels[:, 1:] != -100).float()
-    log_theta = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
-    log_ref = F.log_softmax(ref_logits[:, :-1].float() / temperature, dim=-1)
+    mask = (targets != -100).float()
+    log_theta = F.log_softmax(logits.float() / temperature, dim=-1)
+    log_ref = F.log_softmax(ref_logits.float() / temperature, dim=-1)
     per_position = (log_ref.exp() * (log_ref - log_theta)).sum(-1)
     return (per_position * mask).sum() / mask.sum().clamp(min=1)
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from offside.config import from_dict
-from offside.engine.losses import logits_of, sequence_nll
+from offside.engine.losses import answer_logits, sequence_nll
 from offside.engine.trainer import Objective
 from offside.errors import OffsideError
 
@@ -57,7 +57,8 @@ class ReferenceMethod(Method):
 
     @torch.no_grad()
     def reference_logits(self, inputs: dict) -> torch.Tensor:
-        return logits_of(self.reference_model, inputs)
+        """At the answer positions, as `answer_logits`."""
+        return answer_logits(self.reference_model, inputs)[0]
 
 
 class _AdaptersOff:

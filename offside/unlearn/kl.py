@@ -5,7 +5,7 @@ prompt and image positions). Reference: the frozen vanilla model. Published λ =
 
 from dataclasses import dataclass
 
-from offside.engine.losses import kl_ref_to_theta, logits_of, nll_from_logits, token_nll
+from offside.engine.losses import answer_logits, kl_ref_to_theta, nll_from_logits, token_nll
 from offside.unlearn import ReferenceMethod, register
 
 
@@ -26,8 +26,8 @@ class KLMinimisation(ReferenceMethod):
             nll_forget = token_nll(model, batches["forget"])
             return -nll_forget, {"nll_forget": nll_forget.item()}
         retain = batches["retain"]
-        logits = logits_of(model, retain)
+        logits, targets = answer_logits(model, retain)
         ref_logits = self.reference_logits(retain)
-        nll_retain = nll_from_logits(logits, retain["labels"]).mean()
-        kl = kl_ref_to_theta(logits, ref_logits, retain["labels"], self.temperature)
+        nll_retain = nll_from_logits(logits, targets).mean()
+        kl = kl_ref_to_theta(logits, ref_logits, targets, self.temperature)
         return nll_retain + self.kl_weight * kl, {"nll_retain": nll_retain.item(), "kl": kl.item()}
