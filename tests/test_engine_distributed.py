@@ -48,8 +48,10 @@ LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "groups": ["language", "vision"]}
 
 
 def _zero3_worker(rank: int, world: int, port: int, out: str) -> None:
-    """ZeRO-3 with LoRA on the golden model: each rank checkpoints into the shared directory (as a
-    trial's ranks do into its Ray Train checkpoint); rank 0 records the adapter weights, gathered."""
+    """ZeRO-3 with LoRA on the golden model, one row per micro-batch, image and text rows mixed (so one
+    rank's batch often has an image when the other's has none): each rank checkpoints into the shared
+    directory (as a trial's ranks do into its Ray Train checkpoint); rank 0 records the adapter
+    weights, gathered."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1")
     torch.set_num_threads(1)
@@ -62,9 +64,10 @@ def _zero3_worker(rank: int, world: int, port: int, out: str) -> None:
     from offside.engine.trainer import TrainSpec, train
     from offside.models.loading import LoraSpec, ModelSpec, build_or_load
 
-    rows = [r for r in materialise(load_benchmark("tests/golden/data")["forget"]) if r["form"] == "gen"][:16]
+    gen = [r for r in materialise(load_benchmark("tests/golden/data")["forget"]) if r["form"] == "gen"]
+    rows = [r for r in gen if r["image"]][:8] + [r for r in gen if not r["image"]][:8]  # ranks' micro-batches differ in modality
     model, processor = build_or_load(ModelSpec("tests/golden/model", lora=LoraSpec(**LORA)))
-    spec = TrainSpec(epochs=1, batch_size=2, lr=3e-3, warmup_ratio=0.0, zero_stage=3)
+    spec = TrainSpec(epochs=1, batch_size=1, lr=3e-3, warmup_ratio=0.0, zero_stage=3)
     train(model, processor, FineTune(), {"train": rows}, spec, checkpoint_dir=Path(out) / "checkpoint", progress=False)
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     with deepspeed.zero.GatheredParameters([p for _, p in trained]):

@@ -23,7 +23,7 @@ from offside.data.rows import materialise
 from offside.errors import OffsideError
 from offside.eval.evaluate import evaluate
 from offside.eval.sanity import checked
-from offside.models.loading import LoraSpec, ModelSpec, build_or_load, save
+from offside.models.loading import LoraSpec, ModelSpec, build_or_load, is_model_dir, save
 from offside.tracking import tracking_uri
 from tune_jobs import tracking
 from tune_jobs.spec import SweepConfig, apply_sample, max_epochs, sweep_from_dict, trial_count
@@ -83,8 +83,8 @@ def _prepare(config: SweepConfig | None, resume: str | None) -> tuple[SweepConfi
                            f"--resume {sweep_dir}, or choose another name")
     if not Path(config.data).is_dir():
         raise OffsideError(f"data: {config.data}: benchmark directory not found")
-    if not (Path(config.vanilla) / "config.json").exists():
-        raise OffsideError(f"vanilla: {config.vanilla}: not a model directory (no config.json)")
+    if not is_model_dir(Path(config.vanilla)):
+        raise OffsideError(f"vanilla: {config.vanilla}: not a model directory (no config.json) nor an adapter directory")
     return config, sweep_dir
 
 

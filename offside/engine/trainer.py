@@ -175,6 +175,7 @@ def train(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=_ds_config(spec, model)
     )
     objective.setup(engine.module, engine.device)
+    hooks = _vision_in_every_forward(engine.module) if spec.zero_stage == 3 else []
     start_epoch = _resume(engine, checkpoint_dir) if resume and checkpoint_dir else 0
 
     result = TrainResult(epochs_run=0, steps=engine.global_steps)
@@ -212,7 +213,35 @@ def train(
         result.epochs_run += 1
     result.steps = engine.global_steps
     engine.eval()
+    for hook in hooks:
+        hook.remove()
     return result
+
+
+def _vision_in_every_forward(model) -> list:
+    """ZeRO-3 gathers each module's weights with a collective as the forward reaches it, so every rank
+    must run the same modules in the same order. A micro-batch without images skips the vision tower,
+    and a rank whose micro-batch has images then waits on gathers the other never joins (gloo:
+    "Received data size doesn't match expected size"). So in training a batch without images runs the
+    tower on one blank 28×28 image right after the token embedding, where a batch with images runs
+    it, and adds 0 × its output, so that its backward runs too. Returns the hooks' handles."""
+    qwen = (model.get_base_model() if hasattr(model, "get_base_model") else model).model
+    blank = {}
+
+    def before(module, args, kwargs):
+        blank["now"] = module.training and kwargs.get("pixel_values") is None
+
+    def after_embedding(module, args, embedded):
+        if not blank.pop("now", False):
+            return embedded
+        patch = qwen.visual.patch_embed
+        pixels = embedded.new_zeros(4, patch.in_channels * patch.temporal_patch_size * patch.patch_size**2)
+        grid = torch.tensor([[1, 2, 2]], device=embedded.device)  # 2×2 patches: one merged visual token
+        features = qwen.get_image_features(pixels, grid).pooler_output[0]
+        return embedded + 0 * features.sum()
+
+    return [qwen.register_forward_pre_hook(before, with_kwargs=True),
+            qwen.language_model.embed_tokens.register_forward_hook(after_embedding)]
 
 
 def _ds_config(spec: TrainSpec, model) -> dict:

@@ -135,6 +135,11 @@ def _load_adapter(path: Path, dtype: torch.dtype):
     return merged, tokenizer, _saved_image_size(path)
 
 
+def is_model_dir(path: Path) -> bool:
+    """A saved model directory or an adapter directory (what `build_or_load` loads by path)."""
+    return (path / "config.json").is_file() or (path / ADAPTER_FILE).is_file()
+
+
 def adapter_base(path: Path) -> str:
     """An adapter directory's base: an absolute directory (stored relative to the adapter, so a tree of
     runs can move as a whole) or a hub id."""
@@ -164,7 +169,9 @@ def apply_lora(model, lora: LoraSpec, seed: int = 0):
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=pattern)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return get_peft_model(model, config)
+        # Adapters in the model's dtype (peft would upcast them to fp32): DeepSpeed's bf16 mode keeps
+        # fp32 master weights in the optimizer anyway, and one dtype per model is what model.dtype says.
+        return get_peft_model(model, config, autocast_adapter_dtype=False)
 
 
 def _group_pattern(model, lora: LoraSpec, group: str) -> str:
