@@ -158,14 +158,16 @@ def test_published_format_directory_loads_and_evaluates(tmp_path, vanilla):
     assert not any(k.startswith("test/") for k in metrics)  # the fixture has no test split
 
 
-def test_lora_unlearning_saves_a_merged_model(data, vanilla, tmp_path):
-    out = tmp_path / "lora"
+def test_lora_unlearning_saves_its_adapter_and_export_merges_it(data, vanilla, tmp_path):
+    out, merged_dir = tmp_path / "lora", tmp_path / "merged"
     assert main(["unlearn", "--method", "ga", "--data", str(data), "--model", str(vanilla), "--out", str(out),
                  "--set", "model.lora={r: 4, alpha: 8, targets: [q_proj, v_proj], groups: [language]}",
                  "--set", "train.max_steps=2", "--set", "train.lr=0.01"]) == 0
+    assert (out / "adapter_model.safetensors").exists() and not (out / "model.safetensors").exists()
+    assert main(["export", "--model", str(out), "--out", str(merged_dir)]) == 0
     from safetensors.torch import load_file
 
-    merged, base = load_file(out / "model.safetensors"), load_file(vanilla / "model.safetensors")
+    merged, base = load_file(merged_dir / "model.safetensors"), load_file(vanilla / "model.safetensors")
     assert set(merged) == set(base)  # plain weights: no lora_A/lora_B left
     changed = {k for k in base if not (merged[k] == base[k]).all()}
     assert changed and all("q_proj" in k or "v_proj" in k for k in changed)

@@ -354,7 +354,7 @@ def checkpoint_weights(checkpoint: Path, tag: str) -> dict:
     """The module's weights in a DeepSpeed checkpoint of any ZeRO stage. Stages 1–3 keep the fp32
     master weights partitioned across the ranks' `zero_pp_rank_*` files (ZeRO-3 the module too), which
     DeepSpeed's consolidation gathers, on the CPU, without a process group; stage 0 keeps one whole copy."""
-    if any((checkpoint / tag).glob("zero_pp_rank_*_optim_states.pt")):
+    if any((checkpoint / tag).glob("*zero_pp_rank_*_optim_states.pt")):  # bf16_zero_pp_… under bf16
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=tag)
