@@ -10,6 +10,8 @@ import hmac
 import time
 import uuid
 
+import ray
+import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -23,7 +25,7 @@ from serve.inputs import (
     check_options, check_text, decode_image,
 )
 from serve.runner import Job, ModelPool, runner_for
-from serve.settings import ServeSettings, load_settings, read_token, registry, settings_dict
+from serve.settings import ServeSettings, load_settings, read_token, registry, replica_gpus, settings_dict
 
 api = FastAPI(
     title="OFFSIDE probe",
@@ -111,7 +113,7 @@ class Probe:
 
         self.settings = load_settings(settings)
         torch.set_num_threads(self.settings.torch_threads)
-        self.pool = ModelPool(registry(self.settings))
+        self.pool = ModelPool(registry(self.settings), self.settings.dtype, self.settings.device)
         # A plain function, not a bound method: Serve keeps the cache as an attribute of what it wraps.
         self.get_model = serve.multiplexed(max_num_models_per_replica=self.settings.max_models_per_replica)(self._loader())
         batch_size = self.settings.max_batch_size if self.settings.batching else 1
@@ -279,5 +281,7 @@ def build(args: dict) -> serve.Application:
     """App builder for `serve run serve/config.yaml` (and `offside serve`): args as in ServeSettings."""
     settings = load_settings(args)
     plain = settings_dict(settings)
-    probe = Probe.options(num_replicas=settings.num_replicas, ray_actor_options={"num_cpus": settings.replica_cpus})
+    gpus = replica_gpus(settings, ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else torch.cuda.device_count())
+    probe = Probe.options(num_replicas=settings.num_replicas,
+                          ray_actor_options={"num_cpus": settings.replica_cpus, "num_gpus": gpus})
     return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(probe.bind(plain), plain)

@@ -10,10 +10,12 @@ def start(args: dict, port: int, host: str = "127.0.0.1", num_cpus: int | None =
     from ray import serve
 
     from serve.app import build
+    from serve.settings import load_settings
 
-    app = build(args)  # bad settings fail before anything starts
+    load_settings(args)  # bad settings fail before anything starts
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=not quiet,
              logging_level="ERROR" if quiet else "INFO")
+    app = build(args)
     serve.start(http_options={"host": host, "port": port})
     serve.run(app, name="offside", route_prefix="/")
     return f"http://{host}:{port}"

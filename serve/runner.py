@@ -33,8 +33,8 @@ class Job:
 class _Base:
     """A base model shared by its adapters."""
 
-    def __init__(self, path: str):
-        self.model, self.processor = build_or_load(ModelSpec(name=path))
+    def __init__(self, spec: ModelSpec):
+        self.model, self.processor = build_or_load(spec)
         self.model.eval()
         self.peft = None  # PeftModel once the first adapter arrives
 
@@ -42,9 +42,10 @@ class _Base:
         from peft import PeftModel
 
         if self.peft is None:
-            self.peft = PeftModel.from_pretrained(self.model, adapter_dir, adapter_name=adapter_name)
+            self.peft = PeftModel.from_pretrained(self.model, adapter_dir, adapter_name=adapter_name,
+                                                  autocast_adapter_dtype=False)  # the model's dtype, as trained
         else:
-            self.peft.load_adapter(adapter_dir, adapter_name=adapter_name)
+            self.peft.load_adapter(adapter_dir, adapter_name=adapter_name, autocast_adapter_dtype=False)
         # After every adapter was deleted PEFT keeps a stale active name; point it at a live one.
         self.peft.set_adapter(adapter_name)
         self.peft.eval()
@@ -57,9 +58,10 @@ class _Base:
 class LoadedModel:
     """What the multiplexed cache holds. Eviction calls `__del__`, which detaches the adapter."""
 
-    def __init__(self, entry: ModelEntry, base: _Base | None = None, adapter_name: str | None = None):
+    def __init__(self, entry: ModelEntry, spec: ModelSpec | None = None, base: _Base | None = None,
+                 adapter_name: str | None = None):
         self.entry, self.base, self.adapter_name = entry, base, adapter_name
-        self.model, self.processor = (None, base.processor) if base else build_or_load(ModelSpec(name=entry.path))
+        self.model, self.processor = (None, base.processor) if base else build_or_load(spec)
         if self.model is not None:
             self.model.eval()
 
@@ -104,19 +106,24 @@ class _Mixed:
 
 
 class ModelPool:
-    def __init__(self, entries: dict[str, ModelEntry]):
-        self.entries = entries
+    """The replica's models, all in one dtype on one device (the replica's GPU, or its CPU)."""
+
+    def __init__(self, entries: dict[str, ModelEntry], dtype: str = "fp32", device: str = "auto"):
+        self.entries, self.dtype, self.device = entries, dtype, device
         self.bases: dict[str, _Base] = {}
         self._adapter_ids = {name: f"adapter_{i}" for i, name in enumerate(sorted(entries))}  # PEFT-safe names
 
     def load(self, name: str) -> LoadedModel:
         entry = self.entries[name]
         if entry.base is None:
-            return LoadedModel(entry)
-        base = self.bases.get(entry.base) or self.bases.setdefault(entry.base, _Base(entry.base))
+            return LoadedModel(entry, self._spec(entry.path))
+        base = self.bases.get(entry.base) or self.bases.setdefault(entry.base, _Base(self._spec(entry.base)))
         adapter_name = self._adapter_ids[name]
         base.attach(adapter_name, entry.path)
-        return LoadedModel(entry, base, adapter_name)
+        return LoadedModel(entry, base=base, adapter_name=adapter_name)
+
+    def _spec(self, path: str) -> ModelSpec:
+        return ModelSpec(name=path, dtype=self.dtype, device=self.device)
 
     @torch.no_grad()
     def run(self, jobs: list[Job], loaded: dict[str, LoadedModel]) -> list[dict]:

@@ -1,9 +1,10 @@
 """The probe app's settings (the `args:` of `serve/config.yaml`, or `offside serve` flags), the model
 registry they name, and the API token. No Ray here: the builder and the replicas both use it.
 
-A registered model is a name → a saved model directory (a full model, as every stage writes) or a
-PEFT adapter directory (`adapter_config.json`; its base is the adapter's `base_model_name_or_path`
-unless `base:` names it). Requests name models only by their registered name, never by path."""
+A registered model is a name → a saved model directory (a full model or an export) or a PEFT adapter
+directory (`adapter_config.json`, what a LoRA stage writes; its base is the adapter's
+`base_model_name_or_path`, relative to the adapter, unless `base:` names it — itself possibly an
+adapter, which the replica loads merged). Requests name models only by their registered name, never by path."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from pathlib import Path
 
 from offside.config import from_dict
 from offside.errors import OffsideError
+from offside.models.loading import ADAPTER_FILE, DTYPES, adapter_base, is_model_dir
 
 TOKEN_ENV = "OFFSIDE_API_TOKEN"
+REPLICA_DEVICES = ("auto", "cpu", "cuda")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 
 
@@ -45,6 +48,8 @@ class ServeSettings:
     replica_cpus: float = 1.0
     torch_threads: int = 1
     max_new_tokens: int = 32  # default `max_tokens` (what `offside eval` generates)
+    dtype: str = "fp32"  # fp32 | bf16 | fp16: the replicas' weights (as model.dtype in the stages)
+    device: str = "auto"  # auto | cpu | cuda: a replica asks Ray for one GPU unless cpu (auto: when the cluster has one)
     limits: Limits = field(default_factory=Limits)
 
 
@@ -65,8 +70,20 @@ def load_settings(args: dict | None, source: str = "serve args") -> ServeSetting
         raise OffsideError(f"{source}: token_file {settings.token_file!r} does not exist")
     if settings.data and not Path(settings.data).is_dir():
         raise OffsideError(f"{source}: data {settings.data!r} is not a directory")
+    if settings.dtype not in DTYPES:
+        raise OffsideError(f"{source}: dtype {settings.dtype!r} is not one of {', '.join(DTYPES)}")
+    if settings.device not in REPLICA_DEVICES:
+        raise OffsideError(f"{source}: device {settings.device!r} is not one of {', '.join(REPLICA_DEVICES)} "
+                           "(Ray assigns each replica its GPU, so a replica never names one)")
     registry(settings)
     return settings
+
+
+def replica_gpus(settings: ServeSettings, cluster_gpus: float) -> int:
+    """GPUs one replica asks Ray for: its model's device (auto: a GPU when the cluster has one)."""
+    if settings.device == "auto":
+        return int(cluster_gpus > 0)
+    return int(settings.device == "cuda")
 
 
 def settings_dict(settings: ServeSettings) -> dict:
@@ -87,13 +104,16 @@ def _entry(name: str, value) -> ModelEntry:
     if not isinstance(value, dict) or set(value) - {"path", "base"} or not isinstance(value.get("path"), str):
         raise OffsideError(f"{where}: expected a directory or a mapping {{path: DIR, base: DIR}}")
     path = Path(value["path"]).expanduser().resolve()
-    if (path / "adapter_config.json").is_file():
-        base = value.get("base") or json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if not base or not (Path(base) / "config.json").is_file():
-            raise OffsideError(f"{where}: adapter {path} needs its base model directory (set base:), got {base!r}")
-        return ModelEntry(name, str(path), str(Path(base).resolve()))
+    if (path / ADAPTER_FILE).is_file():
+        try:
+            base = Path(value["base"]).expanduser().resolve() if value.get("base") else Path(adapter_base(path))
+        except OffsideError as error:
+            raise OffsideError(f"{where}: {error} (or set base:)") from None
+        if not is_model_dir(base):
+            raise OffsideError(f"{where}: adapter {path} needs its base model directory (set base:), got {str(base)!r}")
+        return ModelEntry(name, str(path), str(base))
     if not (path / "config.json").is_file():
-        raise OffsideError(f"{where}: {path} is neither a model directory (config.json) nor an adapter (adapter_config.json)")
+        raise OffsideError(f"{where}: {path} is neither a model directory (config.json) nor an adapter ({ADAPTER_FILE})")
     return ModelEntry(name, str(path), None)
 
 

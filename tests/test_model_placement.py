@@ -149,3 +149,38 @@ def test_manifests_record_the_model_and_reports_read_them_from_anywhere(adapters
     monkeypatch.chdir(tmp_path)
     run = load_run(result.run_dir)
     assert (run.method, run.scenario) == ("gd", "complete")
+
+
+def test_the_endpoint_serves_stage_adapters_in_its_dtype(adapters):
+    """A LoRA stage's adapter registered by its directory: the replica finds its base relative to it
+    (for GD, GA's adapter, loaded merged), holds every model in the configured dtype, and answers as
+    the merged model `offside eval` scores."""
+    from offside.eval.scoring import option_logliks
+    from serve.runner import ModelPool
+    from serve.settings import load_settings, registry, replica_gpus
+
+    settings = load_settings({"models": {"ga": str(adapters / "ga"), "gd": str(adapters / "gd")}})
+    entries = registry(settings)
+    assert entries["gd"].base == str(adapters / "ga") and entries["ga"].base == str(adapters / "vanilla")
+    rows = [r for r in materialise(load_benchmark(f"{GOLDEN}/data")["forget"]) if r["form"] == "mcq"][:4]
+    for dtype, tolerance in (("fp32", 1e-5), ("bf16", 0.03)):  # bf16: measured ≤ 2 %
+        pool = ModelPool(entries, dtype, "cpu")
+        served = pool.load("gd")
+        assert {p.dtype for p in served.base.peft.parameters()} == {torch.bfloat16 if dtype == "bf16" else torch.float32}
+        merged, processor = build_or_load(ModelSpec(str(adapters / "gd")))
+        want = option_logliks(merged.eval(), processor, rows, batch_size=4)
+        got = option_logliks(served.base.peft, served.processor, rows, batch_size=4)
+        for w, g in zip(want, got):
+            assert all(abs(a - b) < tolerance * max(1.0, abs(a)) for a, b in zip(w, g)), (dtype, w, g)
+            assert w.index(max(w)) == g.index(max(g))
+    with pytest.raises(OffsideError, match="device 'cuda:1'"):
+        load_settings({"models": {"ga": str(adapters / "ga")}, "device": "cuda:1"})
+    with pytest.raises(OffsideError, match="dtype 'int8'"):
+        load_settings({"models": {"ga": str(adapters / "ga")}, "dtype": "int8"})
+    with pytest.raises(OffsideError, match="models.x: .*base model"):
+        moved = adapters.parent / "lonely"
+        shutil.copytree(adapters / "gd", moved)
+        load_settings({"models": {"x": str(moved)}})
+    gpus = {device: [replica_gpus(replace(settings, device=device), cluster) for cluster in (0, 8)]
+            for device in ("auto", "cpu", "cuda")}
+    assert gpus == {"auto": [0, 1], "cpu": [0, 0], "cuda": [1, 1]}
