@@ -7,6 +7,7 @@ answers exactly as the evaluation scores."""
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -37,6 +38,7 @@ class _Base:
         self.model, self.processor = build_or_load(spec)
         self.model.eval()
         self.peft = None  # PeftModel once the first adapter arrives
+        self.vision_adapters: set[str] = set()  # adapters with LoRA in the vision tower or projector
 
     def attach(self, adapter_name: str, adapter_dir: str) -> None:
         from peft import PeftModel
@@ -49,10 +51,13 @@ class _Base:
         # After every adapter was deleted PEFT keeps a stale active name; point it at a live one.
         self.peft.set_adapter(adapter_name)
         self.peft.eval()
+        if any(".visual." in name and adapter_name in getattr(module, "lora_A", {}) for name, module in self.peft.named_modules()):
+            self.vision_adapters.add(adapter_name)
 
     def detach(self, adapter_name: str) -> None:
         if self.peft is not None and adapter_name in self.peft.peft_config:
             self.peft.delete_adapter(adapter_name)
+            self.vision_adapters.discard(adapter_name)
 
 
 class LoadedModel:
@@ -66,6 +71,8 @@ class LoadedModel:
             self.model.eval()
 
     def __del__(self):
+        if sys.is_finalizing():
+            return  # PEFT cannot delete adapters while the interpreter tears its modules down
         if self.base is not None and self.adapter_name is not None:
             self.base.detach(self.adapter_name)
             self.adapter_name = None
@@ -73,20 +80,25 @@ class LoadedModel:
 
 class _Mixed:
     """A PEFT model seen by the scoring functions as one model whose rows each use their own adapter.
-    Row counts that are a multiple of the adapter list (options repeated per row) repeat the names."""
+    Row counts that are a multiple of the adapter list (options repeated per row) repeat the names.
+    PEFT mixes adapters per row only in modules whose inputs are rows; the vision tower's are image
+    patches, so a batch with a vision adapter holds that adapter alone and runs it as the active one."""
 
     def __init__(self, peft, names: list[str]):
         self.peft, self.names = peft, names
 
-    def _names(self, inputs: dict) -> list[str]:
+    def _adapter_args(self, inputs: dict) -> dict:
+        if len(set(self.names)) == 1:
+            self.peft.set_adapter(self.names[0])
+            return {}
         repeat = inputs["input_ids"].shape[0] // len(self.names)
-        return [n for n in self.names for _ in range(repeat)]
+        return {"adapter_names": [n for n in self.names for _ in range(repeat)]}
 
     def __call__(self, **inputs):
-        return self.peft(**inputs, adapter_names=self._names(inputs))
+        return self.peft(**inputs, **self._adapter_args(inputs))
 
     def generate(self, **inputs):
-        return self.peft.generate(**inputs, adapter_names=self._names(inputs))
+        return self.peft.generate(**inputs, **self._adapter_args(inputs))
 
     def parameters(self):
         return self.peft.parameters()
@@ -133,6 +145,8 @@ class ModelPool:
         for i, job in enumerate(jobs):
             model = loaded[job.model]
             owner = id(model.base) if model.base else id(model)
+            if model.base and model.adapter_name in model.base.vision_adapters:
+                owner = (owner, model.adapter_name)
             groups[(owner, len(job.options) if job.options else 0, job.max_tokens)].append(i)
         for indices in groups.values():
             group = [jobs[i] for i in indices]

@@ -17,7 +17,7 @@ from offside.data.rows import materialise
 from offside.engine.trainer import TrainSpec
 from offside.errors import OffsideError
 from offside.eval.evaluate import EvalSpec, evaluate
-from offside.models.loading import LoraSpec, ModelSpec, build_or_load, resolve_device
+from offside.models.loading import DTYPES, LoraSpec, ModelSpec, build_or_load, resolve_device
 from offside.stages import UnlearnConfig, export_merged, unlearn
 from offside.unlearn import get_method
 from tune_jobs.spec import sweep_from_dict
@@ -151,36 +151,46 @@ def test_manifests_record_the_model_and_reports_read_them_from_anywhere(adapters
     assert (run.method, run.scenario) == ("gd", "complete")
 
 
-def test_the_endpoint_serves_stage_adapters_in_its_dtype(adapters):
-    """A LoRA stage's adapter registered by its directory: the replica finds its base relative to it
-    (for GD, GA's adapter, loaded merged), holds every model in the configured dtype, and answers as
-    the merged model `offside eval` scores."""
+def test_the_endpoint_serves_stage_adapters_in_its_dtype(adapters, tmp_path):
+    """LoRA stages' adapters registered by their directories: the replica finds each base relative to
+    its adapter (for GD, GA's adapter, loaded merged), holds every model in the configured dtype, and
+    answers a batch mixing them as the merged models `offside eval` scores. These adapters have LoRA
+    in the vision tower, where PEFT cannot mix adapters per row: each runs in its own group."""
     from offside.eval.scoring import option_logliks
-    from serve.runner import ModelPool
+    from serve.runner import Job, ModelPool
     from serve.settings import load_settings, registry, replica_gpus
 
-    settings = load_settings({"models": {"ga": str(adapters / "ga"), "gd": str(adapters / "gd")}})
+    runs = tmp_path / "runs"
+    shutil.copytree(adapters, runs, ignore=shutil.ignore_patterns("mlflow.db"))
+    shutil.copytree(runs / "ga", runs / "ga-copy")  # a second adapter on the same base
+    names = ("ga", "ga-copy", "gd")
+    settings = load_settings({"models": {name: str(runs / name) for name in names}})
     entries = registry(settings)
-    assert entries["gd"].base == str(adapters / "ga") and entries["ga"].base == str(adapters / "vanilla")
-    rows = [r for r in materialise(load_benchmark(f"{GOLDEN}/data")["forget"]) if r["form"] == "mcq"][:4]
+    assert entries["gd"].base == str(runs / "ga") and entries["ga"].base == entries["ga-copy"].base == str(runs / "vanilla")
+    rows = [r for r in materialise(load_benchmark(f"{GOLDEN}/data")["forget"]) if r["form"] == "mcq"][:3]
+    jobs = [Job(name, r["question"], r["image"], r["options"]) for r in rows for name in names]
+    want = {}
+    for name in ("ga", "gd"):
+        merged, processor = build_or_load(ModelSpec(str(runs / name)))
+        want[name] = option_logliks(merged.eval(), processor, rows, batch_size=len(rows))
+    want["ga-copy"] = want["ga"]
     for dtype, tolerance in (("fp32", 1e-5), ("bf16", 0.03)):  # bf16: measured ≤ 2 %
         pool = ModelPool(entries, dtype, "cpu")
-        served = pool.load("gd")
-        assert {p.dtype for p in served.base.peft.parameters()} == {torch.bfloat16 if dtype == "bf16" else torch.float32}
-        merged, processor = build_or_load(ModelSpec(str(adapters / "gd")))
-        want = option_logliks(merged.eval(), processor, rows, batch_size=4)
-        got = option_logliks(served.base.peft, served.processor, rows, batch_size=4)
-        for w, g in zip(want, got):
-            assert all(abs(a - b) < tolerance * max(1.0, abs(a)) for a, b in zip(w, g)), (dtype, w, g)
-            assert w.index(max(w)) == g.index(max(g))
+        loaded = {name: pool.load(name) for name in names}
+        assert {p.dtype for p in loaded["gd"].base.peft.parameters()} == {DTYPES[dtype]}
+        assert loaded["ga"].base.vision_adapters == {loaded["ga"].adapter_name, loaded["ga-copy"].adapter_name}
+        got = pool.run(jobs, loaded)
+        for job, answer in zip(jobs, got):
+            expected = want[job.model][rows.index(next(r for r in rows if r["question"] == job.question))]
+            assert all(abs(a - b) < tolerance * max(1.0, abs(a)) for a, b in zip(expected, answer["logliks"])), (dtype, job.model)
+            assert answer["choice"] == expected.index(max(expected))
     with pytest.raises(OffsideError, match="device 'cuda:1'"):
-        load_settings({"models": {"ga": str(adapters / "ga")}, "device": "cuda:1"})
+        load_settings({"models": {"ga": str(runs / "ga")}, "device": "cuda:1"})
     with pytest.raises(OffsideError, match="dtype 'int8'"):
-        load_settings({"models": {"ga": str(adapters / "ga")}, "dtype": "int8"})
-    with pytest.raises(OffsideError, match="models.x: .*base model"):
-        moved = adapters.parent / "lonely"
-        shutil.copytree(adapters / "gd", moved)
-        load_settings({"models": {"x": str(moved)}})
+        load_settings({"models": {"ga": str(runs / "ga")}, "dtype": "int8"})
+    shutil.rmtree(runs / "ga")
+    with pytest.raises(OffsideError, match="models.gd: .*base model"):
+        load_settings({"models": {"gd": str(runs / "gd")}})
     gpus = {device: [replica_gpus(replace(settings, device=device), cluster) for cluster in (0, 8)]
             for device in ("auto", "cpu", "cuda")}
     assert gpus == {"auto": [0, 1], "cpu": [0, 0], "cuda": [1, 1]}
