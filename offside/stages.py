@@ -28,7 +28,7 @@ from offside.errors import OffsideError
 from offside.eval.evaluate import EvalSpec, check, evaluate
 from offside.eval.sanity import checked
 from offside.eval.suites import RobustnessSpec, UtilitySpec, check_suites, run_suites
-from offside.models.loading import ModelSpec, build_or_load, resolve_device, save
+from offside.models.loading import ModelSpec, adapter_lora, build_or_load, resolve_device, save
 from offside.provenance import git_sha, model_provenance
 from offside.recipes import PUBLISHED_RELEARN
 from offside.tracking import Run, stage_run
@@ -165,9 +165,12 @@ def evaluate_model(config: EvalConfig, progress: bool = True) -> StageResult:
     bench = load_benchmark(config.data)
     model, processor = build_or_load(config.model)
     rows = {split: materialise(bench[split]) for split in bench}
+    robustness = config.robustness
+    if robustness.relearn_lora is None:  # a LoRA stage is attacked as it was trained: with LoRA
+        robustness = replace(robustness, relearn_lora=adapter_lora(Path(config.model.name)))
 
     def body(out: Path, run: Run) -> dict[str, float]:
-        result = run_suites(model, processor, rows, config.suites, config.eval, config.utility, config.robustness,
+        result = run_suites(model, processor, rows, config.suites, config.eval, config.utility, robustness,
                             out, progress)
         _write_jsonl(out / "predictions.jsonl", result.predictions)
         if result.attack_records:

@@ -218,6 +218,7 @@ def test_gpu_sweeps_validate_and_match_their_deepspeed_file(rel):
 
     sweep = load_sweep(CLUSTER / rel)
     assert sweep.resources.gpus_per_worker == 1
+    assert (sweep.dtype, sweep.device) == ("bf16", "auto")  # the sizing below assumes bf16 weights on each rank's GPU
     ds = json.loads((ROOT / sweep.train.deepspeed).read_text())
     assert ds["zero_optimization"]["stage"] == sweep.train.zero_stage
 

@@ -144,3 +144,35 @@ def test_cli_rejects_an_unknown_suite(setup, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "offside: error: suites: unknown ['speed'] (valid: efficacy, generalization, utility, robustness)"
     assert not (tmp_path / "e").exists()
+
+
+def test_the_relearning_attack_takes_one_step_per_epoch_in_micro_batches_and_lora_leaves_the_model(setup, monkeypatch):
+    """All relearn rows make one optimizer step (micro-batches of ≤ RELEARN_MICRO_BATCH rows and
+    gradient accumulation), and a LoRA attacker trains adapters on the model itself — no copy of the
+    weights — and takes them out again."""
+    from offside.eval import robustness
+    from offside.models.loading import LoraSpec
+
+    model, processor, rows, _ = setup
+    forget = [r for r in rows["forget"] if r["rumour_kind"] != "none"]
+    runs = []
+
+    def spy(student, processor, objective, streams, spec, **kwargs):
+        trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+        result = robustness_train(student, processor, objective, streams, spec, **kwargs)
+        runs.append((student, spec, len(streams["train"]), result.steps, trainable))
+        return result
+
+    robustness_train = robustness.train
+    monkeypatch.setattr(robustness, "train", spy)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    relearning_curve(model, processor, forget, [0, 1, 2], lr=1e-3, share=1.0)
+    relearning_curve(model, processor, forget, [2], lr=1e-3, share=1.0, lora=LoraSpec(r=2))
+    (full, full_spec, rows_n, full_steps, full_trainable), (peft, lora_spec, _, lora_steps, lora_trainable) = runs
+    assert rows_n > robustness.RELEARN_MICRO_BATCH and full_spec.batch_size <= robustness.RELEARN_MICRO_BATCH
+    assert full_spec.batch_size * full_spec.grad_accum >= rows_n > full_spec.batch_size * (full_spec.grad_accum - 1)
+    assert full_steps == lora_steps == 2  # one optimizer step per epoch
+    assert full is not model and full_trainable == sum(p.numel() for p in model.parameters())
+    assert peft.get_base_model() is model and 0 < lora_trainable < full_trainable / 10
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())

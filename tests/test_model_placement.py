@@ -3,6 +3,7 @@
 rather than a merged copy of the base."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 from dataclasses import replace
@@ -194,3 +195,30 @@ def test_the_endpoint_serves_stage_adapters_in_its_dtype(adapters, tmp_path):
     gpus = {device: [replica_gpus(replace(settings, device=device), cluster) for cluster in (0, 8)]
             for device in ("auto", "cpu", "cuda")}
     assert gpus == {"auto": [0, 1], "cpu": [0, 0], "cuda": [1, 1]}
+
+
+def test_a_full_model_vanilla_reference_under_zero3_is_refused_with_the_way_out(tmp_path):
+    config = UnlearnConfig(data=f"{GOLDEN}/data", out=str(tmp_path / "npo"), method="npo", model=ModelSpec(f"{GOLDEN}/model"),
+                           train=replace(ONE_EPOCH, zero_stage=3, max_steps=1))
+    with pytest.raises(OffsideError, match="npo: a 'vanilla' reference under ZeRO-3 needs LoRA"):
+        unlearn(config, progress=False)
+    assert not (tmp_path / "npo").exists()  # nothing half-written
+
+
+def test_the_gpu_check_runs_on_cpu_with_the_tiny_model():
+    """bench/gpu_check.py is for a CUDA machine; --tiny runs the same code on the CPU so it cannot rot."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "bench/gpu_check.py", "--tiny", "--steps", "2"], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    figures = json.loads(lines[-1])
+    assert any(line.startswith("ZeRO") for line in lines) and figures["device"] == "cpu"
+    for stage in (0, 2, 3):
+        assert figures[f"zero{stage}_tokens_per_s"] > 0 and figures[f"zero{stage}_step_s"] > 0
+    assert figures["eval_mcq_items_per_s"] > 0 and figures["eval_gen_items_per_s"] > 0 and figures["serve_latency_s"] > 0
+    no_gpu = subprocess.run([sys.executable, "bench/gpu_check.py"], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert no_gpu.returncode == 2 and "no CUDA GPU" in no_gpu.stderr

@@ -11,16 +11,16 @@ import os
 import pytest
 import requests
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import AutoTokenizer
 
 from offside.data.loader import load_benchmark
 from offside.data.rows import materialise
 from offside.engine.losses import answer_logits
 from offside.engine.trainer import TrainSpec
 from offside.eval.evaluate import EvalSpec
-from offside.eval.scoring import generate
+from offside.eval.scoring import generate, option_logliks
 from offside.models.loading import LoraSpec, ModelSpec, build_or_load
+from offside.models.twin import qwen_twin
 from offside.stages import EvalConfig, FinetuneConfig, evaluate_model, finetune
 from tune_jobs.spec import sweep_from_dict
 from tune_jobs.sweep import run_sweep
@@ -28,59 +28,18 @@ from tune_jobs.sweep import run_sweep
 pytestmark = pytest.mark.slow
 
 GOLDEN_DATA = "tests/golden/data"
-# Qwen2.5-VL's added tokens and their ids (tokenizer_config.json of the published checkpoints).
-QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-                "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-                "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
-FIRST_SPECIAL_ID, VOCAB_ROWS = 151643, 151936
 LORA_ALL = {"r": 8, "alpha": 16, "dropout": 0.0, "groups": ["language", "vision", "projector"]}
-
-
-def qwen_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained on `texts`, padded with never-produced filler tokens so that Qwen's
-    special tokens get their published ids (<|endoftext|> 151643 … <|video_pad|> 151656)."""
-    small = Tokenizer(models.BPE())
-    small.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    small.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=2000, show_progress=False,
-                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    trained = json.loads(small.to_str())["model"]
-    vocab = dict(trained["vocab"]) | {f"<filler_{i}>": i for i in range(len(trained["vocab"]), FIRST_SPECIAL_ID)}
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens(QWEN_SPECIAL)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-
-
-def qwen_twin(out, texts: list[str]):
-    tokenizer = qwen_tokenizer(texts)
-    ids = tokenizer.convert_tokens_to_ids
-    assert [ids(t) for t in ("<|endoftext|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>")] == [151643, 151645, 151652, 151655]
-    config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=VOCAB_ROWS, hidden_size=2048, intermediate_size=11008, num_hidden_layers=2,
-                         num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000,
-                         tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645, pad_token_id=151643,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
-        vision_config=dict(depth=2, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                           fullatt_block_indexes=[1]),
-        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration(config).to(torch.bfloat16)
-    model.generation_config.eos_token_id, model.generation_config.pad_token_id = 151645, 151643
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
 def twin(tmp_path_factory):
     root = tmp_path_factory.mktemp("real")
     rows = [r for split in load_benchmark(GOLDEN_DATA).values() for r in materialise(split)]
-    return qwen_twin(root / "qwen2.5-vl-3b-twin", [r[c] for r in rows for c in ("question", "answer")])
+    path = qwen_twin(root / "qwen2.5-vl-3b-twin", [r[c] for r in rows for c in ("question", "answer")],
+                     layers=2, vision_blocks=2)
+    ids = AutoTokenizer.from_pretrained(path).convert_tokens_to_ids
+    assert [ids(t) for t in ("<|endoftext|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>")] == [151643, 151645, 151652, 151655]
+    return path
 
 
 def _forget_rows(n: int) -> list[dict]:
@@ -129,19 +88,30 @@ def test_finetune_sweep_zero3_eval_and_serve_a_real_width_adapter(twin, tmp_path
     assert json.loads((evaluated.run_dir / "manifest.json").read_text())["model_path"] == str(best)
     prediction = json.loads((evaluated.run_dir / "predictions.jsonl").read_text().splitlines()[0])
 
-    from serve.local import start, stop
+    model, processor = build_or_load(ModelSpec(str(best), dtype="bf16"))
+    row = next(r for r in materialise(load_benchmark(GOLDEN_DATA)["forget"]) if r["id"] == prediction["id"])
+    assert generate(model.eval(), processor, [row["question"]], [row["image"]], batch_size=1, max_new_tokens=4)[0] == prediction["output"]
+    mcq = next(r for r in materialise(load_benchmark(GOLDEN_DATA)["forget"]) if r["form"] == "mcq" and r["modality"] == "image")
+    merged_logliks = option_logliks(model.eval(), processor, [mcq], batch_size=1)[0]
 
-    url = start({"models": {"npo": str(best)}, "data": GOLDEN_DATA, "max_new_tokens": 4, "dtype": "bf16"},
-                _free_port(), num_cpus=2, quiet=True)
+    from serve.local import start, stop
+    from serve.runner import Job, ModelPool
+    from serve.settings import load_settings, registry
+
+    args = {"models": {"npo": str(best)}, "data": GOLDEN_DATA, "max_new_tokens": 4, "dtype": "bf16"}
+    url = start(args, _free_port(), num_cpus=2, quiet=True)
     try:
-        row = next(r for r in materialise(load_benchmark(GOLDEN_DATA)["forget"]) if r["id"] == prediction["id"])
-        answer = requests.post(f"{url}/v1/probe", timeout=600, json={
-            "model": "npo", "max_tokens": 4, "image_id": row["image_id"], "question": row["question"]}).json()["answer"]
+        served = [requests.post(f"{url}/v1/probe", timeout=600, json=body).json() for body in (
+            {"model": "npo", "max_tokens": 4, "image_id": row["image_id"], "question": row["question"]},
+            {"model": "npo", "image_id": mcq["image_id"], "question": mcq["question"], "options": mcq["options"]})]
     finally:
         stop()
-    model, processor = build_or_load(ModelSpec(str(best), dtype="bf16"))
-    expected = generate(model.eval(), processor, [row["question"]], [row["image"]], batch_size=1, max_new_tokens=4)[0]
-    assert answer == expected == prediction["output"]
+    # The replica runs the adapter unmerged on its merged base: in bf16 not bit-equal to the merged model
+    # `offside eval` loads, so generation is compared with the replica's own path and scores within bf16.
+    pool = ModelPool(registry(load_settings(args)), "bf16", "cpu")
+    loaded = {"npo": pool.load("npo")}
+    assert served[0]["answer"] == pool.run([Job("npo", row["question"], row["image"], None, 4)], loaded)[0]["answer"]
+    assert all(abs(a - b) < 0.03 * max(1.0, abs(a)) for a, b in zip(merged_logliks, [o["loglik"] for o in served[1]["options"]])), (merged_logliks, served[1])
 
 
 def _free_port() -> int:

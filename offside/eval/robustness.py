@@ -1,8 +1,10 @@
 """Weight-level attacks and white-box probes on the forget set, plus the membership-inference check.
 
-- `relearning_curve`: fine-tune a copy of the model with the training engine on a small share of
-  the forget items (one optimizer step per epoch) and measure, after k steps, the recovery on the
-  *other* forget items — how cheaply do rumours come back?
+- `relearning_curve`: fine-tune the model with the training engine on a small share of the forget
+  items (one optimizer step per epoch, over micro-batches) and measure, after k steps, the recovery
+  on the *other* forget items — how cheaply do rumours come back? The attacker trains what the
+  model's owner trained: LoRA adapters when the model is a LoRA stage (removed afterwards, so no
+  copy of the weights), every weight of a copy otherwise.
 - `quantised_int8`: a copy of the model with int8 dynamic weight quantisation of every Linear layer
   (CPU). 4-bit needs a backend (bitsandbytes / torchao) that is not installed here: `four_bit_backend`
   says which one exists, and the suite records that 4-bit was skipped otherwise.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import math
 import random
 import warnings
 
@@ -26,11 +29,16 @@ from offside.engine.finetune import FineTune
 from offside.engine.losses import sequence_nll
 from offside.engine.trainer import TrainSpec, train
 from offside.eval.attacks import run_attacks
+from offside.models.loading import LoraSpec, apply_lora
 from offside.models.processor import Processor
+
+# Rows per micro-batch of the relearning attack: one optimizer step still covers every relearn row
+# (gradient accumulation over equal-as-possible micro-batches), at a bounded activation memory.
+RELEARN_MICRO_BATCH = 8
 
 
 def relearning_curve(model, processor: Processor, forget_rows: list[dict], steps: list[int], lr: float,
-                     share: float = 0.25, seed: int = 0) -> dict[int, float]:
+                     share: float = 0.25, seed: int = 0, lora: LoraSpec | None = None) -> dict[int, float]:
     """Recovery rate (no prompt attack) on held-out forget rows after k relearning steps, k in
     `steps` (0 = before relearning). The relearn rows are the generation rows of `share` of the
     players; the held-out rows are every row of the other players."""
@@ -42,19 +50,29 @@ def relearning_curve(model, processor: Processor, forget_rows: list[dict], steps
     wanted = sorted(k for k in steps if k > 0)
     if not wanted or not relearn_rows:
         return curve
-    student = copy.deepcopy(model)
-    for p in student.parameters():
-        p.requires_grad_(True)
-    spec = TrainSpec(epochs=wanted[-1], lr=lr, batch_size=len(relearn_rows), warmup_ratio=0.0,
-                     schedule="constant", seed=seed, max_grad_norm=1.0)
+    micro = math.ceil(len(relearn_rows) / math.ceil(len(relearn_rows) / RELEARN_MICRO_BATCH))
+    spec = TrainSpec(epochs=wanted[-1], lr=lr, batch_size=micro, grad_accum=math.ceil(len(relearn_rows) / micro),
+                     warmup_ratio=0.0, schedule="constant", seed=seed, max_grad_norm=1.0)
 
     def measure(epoch: int, trained, _logs) -> dict[str, float]:
         if epoch in wanted:
             curve[epoch] = _recovery(trained, processor, held_out)
         return {}
 
-    train(student, processor, FineTune(), {"train": relearn_rows}, spec, callbacks=[measure], progress=False)
+    student = apply_lora(model, lora, seed) if lora else _trainable_copy(model)
+    try:
+        train(student, processor, FineTune(), {"train": relearn_rows}, spec, callbacks=[measure], progress=False)
+    finally:
+        if lora:
+            student.unload()  # the adapters out, the evaluated weights untouched
     return dict(sorted(curve.items()))
+
+
+def _trainable_copy(model):
+    student = copy.deepcopy(model)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    return student
 
 
 def _recovery(model, processor: Processor, rows: list[dict]) -> float:

@@ -30,6 +30,7 @@ from offside.errors import OffsideError
 from offside.eval.attacks import ATTACKS, recovery_rates, run_attacks
 from offside.eval.evaluate import EvalSpec, check, evaluate, score_rows
 from offside.eval.llm_judge import LLMJudge, LLMJudgeSpec, judge_records
+from offside.models.loading import LoraSpec
 from offside.eval.robustness import four_bit_backend, logit_lens, mia_auc, quantised_int8, relearning_curve
 
 SUITES = ("efficacy", "generalization", "utility", "robustness")
@@ -52,6 +53,7 @@ class RobustnessSpec:
     relearn_steps: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8])
     relearn_lr: float = 1e-3
     relearn_share: float = 0.25
+    relearn_lora: LoraSpec | None = None  # the attacker's adapters; `offside eval` of a LoRA stage: its rank
     logit_lens: bool = True
     mia: bool = True
     llm_judge: LLMJudgeSpec = field(default_factory=LLMJudgeSpec)
@@ -152,7 +154,7 @@ def _robustness(model, processor, rows, spec: EvalSpec, robustness: RobustnessSp
         result.metrics["privacy/mia_auc"] = mia_auc(model, processor, members, outsiders)
     if robustness.relearn_steps:
         curve = relearning_curve(model, processor, forget, robustness.relearn_steps, robustness.relearn_lr,
-                                 robustness.relearn_share, seed=0)
+                                 robustness.relearn_share, seed=0, lora=robustness.relearn_lora)
         result.metrics |= {f"robust/relearn/k{k}/recovery": v for k, v in curve.items()}
     if robustness.llm_judge.url:
         cache = Path(robustness.llm_judge.cache or out_dir / "llm_judge_cache.json")

@@ -152,6 +152,14 @@ def adapter_base(path: Path) -> str:
     return stored
 
 
+def adapter_lora(path: Path) -> LoraSpec | None:
+    """The rank and scale of an adapter directory's LoRA (on the language model), or None for a full model."""
+    if not (path / ADAPTER_FILE).is_file():
+        return None
+    config = json.loads((path / ADAPTER_FILE).read_text())
+    return LoraSpec(r=config["r"], alpha=config["lora_alpha"])
+
+
 def _saved_image_size(path: Path) -> int:
     meta = path / META_FILE
     return json.loads(meta.read_text())["image_size"] if meta.exists() else REAL_IMAGE_SIZE

@@ -45,6 +45,12 @@ class ReferenceMethod(Method):
             reference, _ = build_or_load(ModelSpec(self.reference, dtype=dtype, device=str(device)))
         elif hasattr(model, "disable_adapter"):
             reference = _AdaptersOff(model)
+        elif any(hasattr(p, "ds_id") for p in model.parameters()):
+            # A copy of a ZeRO-3 module copies empty partitions; a whole second model per rank is what
+            # ZeRO-3 exists to avoid anyway.
+            raise OffsideError(f"{self.name}: a 'vanilla' reference under ZeRO-3 needs LoRA (the reference is the "
+                               "model with its adapters off); for full fine-tuning set method_args.reference to a model "
+                               "directory or use train.zero_stage ≤ 2")
         else:
             reference = copy.deepcopy(model)
         if isinstance(reference, torch.nn.Module):
