@@ -1,5 +1,5 @@
 """The probe app on a real local Ray Serve (HTTP on a free loopback port), one app for the module:
-a tiny base model, two LoRA adapters of it with different (random, non-zero) weights, and the base
+a tiny vanilla model, two unlearned LoRA adapters of it (GA and NPO stages, as saved), and the base
 as a full-weight model; LRU capacity 2 so three models force evictions."""
 
 import base64
@@ -8,6 +8,7 @@ import io
 import json
 import os
 import signal
+import shutil
 import socket
 import struct
 import subprocess
@@ -25,14 +26,15 @@ from PIL import Image
 from offside.data.loader import load_benchmark
 from offside.data.rows import materialise
 from offside.errors import OffsideError
-from offside.models.loading import ModelSpec, build_or_load
-from offside.stages import EvalConfig, evaluate_model
+from offside.engine.trainer import TrainSpec
+from offside.models.loading import LoraSpec, ModelSpec, build_or_load
+from offside.stages import EvalConfig, UnlearnConfig, evaluate_model, export_merged, unlearn
 from offside.eval.evaluate import EvalSpec, evaluate
-from serve.demo import merged, tiny_models
 from serve.settings import TOKEN_ENV, Limits, load_settings, read_token
 
 TOKEN = "s3cret-token"
 REPO = Path(__file__).resolve().parents[1]
+GOLDEN = REPO / "tests" / "golden"
 
 
 def _free_port() -> int:
@@ -43,14 +45,18 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """root with base, a1, a2 (adapters) and a1-merged, a2-merged (for `offside eval`), and the data."""
+    """root with base (the golden vanilla model), a1 and a2 — unlearned adapters, as LoRA unlearning
+    stages (GA, NPO) save them, relative to base — a1-merged and a2-merged (`offside export`, what
+    `offside eval` of the adapter computes), and the data."""
     root = tmp_path_factory.mktemp("serve")
-    data, base, adapters = tiny_models(root)
-    for name, adapter in zip(("a1", "a2"), adapters):
-        adapter.rename(root / name)
-        merged(base, root / name, root / f"{name}-merged")
+    shutil.copytree(GOLDEN / "model", root / "base")
+    for name, method in (("a1", "ga"), ("a2", "npo")):
+        unlearn(UnlearnConfig(data=str(GOLDEN / "data"), out=str(root / name), method=method,
+                              model=ModelSpec(str(root / "base"), lora=LoraSpec(r=8, alpha=32)),
+                              train=TrainSpec(epochs=1, lr=3e-3, batch_size=8, warmup_ratio=0.0, max_steps=2)), progress=False)
+        export_merged(str(root / name), str(root / f"{name}-merged"))
     (root / "token").write_text(TOKEN + "\n")
-    return root, data
+    return root, GOLDEN / "data"
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +103,9 @@ def test_adapters_differ_and_match_offside_eval(server, models):
     assert served["a1"][0]["answer"] != served["a2"][0]["answer"]
     assert served["a1"][1]["options"] != served["a2"][1]["options"]
     spec = EvalSpec(splits=["forget"], modalities=["image"], limit=4, max_new_tokens=12)
-    # a1 through the `offside eval` stage itself, a2 through the evaluator the stage runs (cheaper).
+    # a1 through the `offside eval` stage on the adapter directory, a2 through the evaluator on its export.
     out = root / "eval-a1"
-    evaluate_model(EvalConfig(data=str(data), out=str(out), model=ModelSpec(str(root / "a1-merged")), eval=spec), progress=False)
+    evaluate_model(EvalConfig(data=str(data), out=str(out), model=ModelSpec(str(root / "a1")), eval=spec), progress=False)
     outputs = {"a1": [json.loads(line) for line in (out / "predictions.jsonl").open()]}
     model, processor = build_or_load(ModelSpec(str(root / "a2-merged")))
     outputs["a2"] = evaluate(model, processor, {"forget": materialise(load_benchmark(data)["forget"])}, spec, progress=False)[1]
