@@ -100,8 +100,7 @@ def test_adapters_differ_and_match_offside_eval(server, models):
     root, data = models
     gen, mcq = _forget_item(data, "gen"), _forget_item(data, "mcq")
     served = {name: (_probe(server, name, gen), _probe(server, name, mcq)) for name in ("a1", "a2")}
-    assert served["a1"][0]["answer"] != served["a2"][0]["answer"]
-    assert served["a1"][1]["options"] != served["a2"][1]["options"]
+    assert served["a1"][1]["options"] != served["a2"][1]["options"]  # two unlearnings, two models
     spec = EvalSpec(splits=["forget"], modalities=["image"], limit=4, max_new_tokens=12)
     # a1 through the `offside eval` stage on the adapter directory, a2 through the evaluator on its export.
     out = root / "eval-a1"
