@@ -217,3 +217,40 @@ def test_saliency_mask_updates_only_the_chosen_part(vanilla):
     updated = sum((model.get_parameter(n) != start[n]).sum().item() for n in vision)
     total = sum(start[n].numel() for n in vision)
     assert 0 < updated <= 0.1 * total + 1
+
+
+def test_kl_alternates_per_optimizer_step_across_accumulation_and_resume(tmp_path):
+    """With gradient accumulation every micro-batch of one optimizer step takes the same branch, and
+    a run resumed from a checkpoint continues the alternation."""
+    from offside.data.loader import load_benchmark
+    from offside.data.rows import materialise
+    from offside.engine.trainer import TrainSpec, train
+    from offside.models.loading import ModelSpec, build_or_load
+
+    bench = load_benchmark("tests/golden/data")
+    streams = {s: [r for r in materialise(bench[s]) if r["form"] == "gen"] for s in ("forget", "retain")}
+    seen = []
+
+    def run(epochs, resume):
+        model, processor = build_or_load(ModelSpec("tests/golden/model"))
+        method = get_method("kl")
+        loss = method.loss
+
+        def recorded(engine, batches):
+            value, logs = loss(engine, batches)
+            seen.append((engine.global_steps, "kl" in logs))
+            return value, logs
+
+        method.loss = recorded
+        spec = TrainSpec(epochs=epochs, batch_size=2, retain_ratio=1, grad_accum=2, lr=1e-4, warmup_ratio=0.0)
+        train(model, processor, method, streams, spec, checkpoint_dir=tmp_path / "ckpt", resume=resume, progress=False)
+
+    run(1, False)
+    first = len(seen)
+    run(2, True)
+    steps = {}
+    for step, retain in seen:
+        steps.setdefault(step, set()).add(retain)
+    assert all(len(kinds) == 1 for kinds in steps.values()), steps  # one branch per optimizer step
+    assert all(kinds == {step % 2 == 1} for step, kinds in steps.items())
+    assert seen[first][0] == seen[first - 1][0] + 1  # the resumed run starts at the next step

@@ -1,7 +1,11 @@
-"""KL-constrained gradient ascent (the OFFSIDE paper's KL baseline): steps alternate between a
-forget step, loss = −NLL(forget), and a retain step, loss = NLL(retain) + λ·KL(p_ref ‖ p_θ) with
+"""KL-constrained gradient ascent (the OFFSIDE paper's KL baseline): optimizer steps alternate between
+a forget step, loss = −NLL(forget), and a retain step, loss = NLL(retain) + λ·KL(p_ref ‖ p_θ) with
 temperature T, the KL taken over the retain answer tokens only (the published code also counted
-prompt and image positions). Reference: the frozen vanilla model. Published λ = 0.1, T = 1."""
+prompt and image positions). Reference: the frozen vanilla model. Published λ = 0.1, T = 1.
+
+The phase is the optimizer step's parity (DeepSpeed's `global_steps`: every micro-batch of an
+accumulated step takes the same branch, and a resumed run continues the alternation where it
+stopped); called on a plain module, with no optimizer, each call is a step."""
 
 from dataclasses import dataclass
 
@@ -18,11 +22,12 @@ class KLMinimisation(ReferenceMethod):
     temperature: float = 1.0
 
     def __post_init__(self):
-        self._steps = 0
+        self._calls = 0
 
     def loss(self, model, batches):
-        self._steps += 1
-        if self._steps % 2 == 1:
+        step = getattr(model, "global_steps", self._calls)
+        self._calls += 1
+        if step % 2 == 0:
             nll_forget = token_nll(model, batches["forget"])
             return -nll_forget, {"nll_forget": nll_forget.item()}
         retain = batches["retain"]
