@@ -350,6 +350,17 @@ def _plot(rows: list[dict], front: set[str], a: str, b: str, path: Path) -> None
     plt.close(fig)
 
 
+def load_trained(model, weights: dict, trial_id: str) -> None:
+    """A checkpoint holds what trained (with LoRA, the adapters: the engine leaves frozen weights out),
+    so the model's frozen weights stay as loaded and every trained one must come from the checkpoint."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    absent = sorted(set(missing) & trained)
+    if unexpected or absent:
+        raise OffsideError(f"trial {trial_id}: its checkpoint does not match the model it rebuilt "
+                           f"(missing trained weights {absent[:3]}, unexpected {sorted(unexpected)[:3]})")
+
+
 def checkpoint_weights(checkpoint: Path, tag: str) -> dict:
     """The module's weights in a DeepSpeed checkpoint of any ZeRO stage. Stages 1–3 keep the fp32
     master weights partitioned across the ranks' `zero_pp_rank_*` files (ZeRO-3 the module too), which
@@ -373,7 +384,7 @@ def export_model(row: dict, config: SweepConfig, out: Path) -> Path:
     settings = row["settings"]
     lora = from_dict(LoraSpec, settings["lora"]) if settings.get("lora") else None
     model, processor = build_or_load(ModelSpec(config.vanilla, dtype=config.dtype, device=config.device, lora=lora))
-    model.load_state_dict(checkpoint_weights(checkpoint, latest.read_text().strip()))
+    load_trained(model, checkpoint_weights(checkpoint, latest.read_text().strip()), row["trial_id"])
     tmp = out.parent / f".{out.name}.partial"
     tmp.mkdir(parents=True, exist_ok=True)
     save(model, processor, tmp)

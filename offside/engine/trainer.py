@@ -301,16 +301,33 @@ def _to_device(inputs: dict[str, torch.Tensor], device) -> dict[str, torch.Tenso
 
 
 def _save_checkpoint(engine, root: Path, epoch: int, keep: int) -> None:
-    engine.save_checkpoint(str(root), tag=f"epoch-{epoch + 1:03d}", client_state={"epoch": epoch + 1})
-    if engine.global_rank == 0 and keep > 0:
+    """The epoch's checkpoint under `root`, holding what trains (a LoRA checkpoint holds the adapters
+    and their optimizer state, not the frozen base); every rank keeps its newest `keep` (a trial's
+    ranks each write their own root, and a shared root is pruned idempotently)."""
+    state = {"epoch": epoch + 1, "torch_rng": torch.get_rng_state()}  # dropout masks continue as uninterrupted
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state()
+    engine.save_checkpoint(str(root), tag=f"epoch-{epoch + 1:03d}", client_state=state,
+                           exclude_frozen_parameters=_has_frozen(engine.module))
+    if keep > 0:
         tags = sorted(p for p in root.glob("epoch-*") if p.is_dir())
         for old in tags[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _has_frozen(module) -> bool:
+    return any(not p.requires_grad for p in module.parameters())
+
+
 def _resume(engine, root: Path) -> int:
-    """Loads the latest epoch checkpoint under `root`; returns the epoch to start from."""
+    """Loads the latest epoch checkpoint under `root` (and the random state it was taken with);
+    returns the epoch to start from."""
     if not (root / "latest").exists():
         return 0
-    _, client_state = engine.load_checkpoint(str(root))
-    return int((client_state or {}).get("epoch", 0))
+    _, state = engine.load_checkpoint(str(root), load_module_strict=not _has_frozen(engine.module))
+    state = state or {}
+    if "torch_rng" in state:
+        torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng"])
+    return int(state.get("epoch", 0))
