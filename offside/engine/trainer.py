@@ -69,6 +69,13 @@ class Objective:
         forget questions with a refusal as the answer. They share the source batch's rows."""
         return {}
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs besides the weights and optimizer (saved with each checkpoint)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores `state_dict()` when a run resumes."""
+
 
 EpochCallback = Callable[[int, Any, dict[str, float]], dict[str, float] | None]
 
@@ -176,7 +183,7 @@ def train(
     )
     objective.setup(engine.module, engine.device)
     hooks = _vision_in_every_forward(engine.module) if spec.zero_stage == 3 else []
-    start_epoch = _resume(engine, checkpoint_dir) if resume and checkpoint_dir else 0
+    start_epoch = _resume(engine, checkpoint_dir, objective) if resume and checkpoint_dir else 0
 
     result = TrainResult(epochs_run=0, steps=engine.global_steps)
     for epoch in range(start_epoch, spec.epochs):
@@ -205,7 +212,7 @@ def train(
         logs = {f"train/{k}": v / max(1, steps_run) for k, v in totals.items()}
         logs.update({"epoch": epoch + 1, "step": engine.global_steps, "lr": scheduler.get_last_lr()[0]})
         if checkpoint_dir is not None:
-            _save_checkpoint(engine, checkpoint_dir, epoch, spec.keep_checkpoints)
+            _save_checkpoint(engine, checkpoint_dir, epoch, spec.keep_checkpoints, objective)
         engine.eval()
         for callback in callbacks:
             logs.update(callback(epoch + 1, engine.module, logs) or {})
@@ -300,11 +307,12 @@ def _to_device(inputs: dict[str, torch.Tensor], device) -> dict[str, torch.Tenso
     return {k: v.to(device) for k, v in inputs.items()}
 
 
-def _save_checkpoint(engine, root: Path, epoch: int, keep: int) -> None:
+def _save_checkpoint(engine, root: Path, epoch: int, keep: int, objective: Objective) -> None:
     """The epoch's checkpoint under `root`, holding what trains (a LoRA checkpoint holds the adapters
     and their optimizer state, not the frozen base); every rank keeps its newest `keep` (a trial's
     ranks each write their own root, and a shared root is pruned idempotently)."""
-    state = {"epoch": epoch + 1, "torch_rng": torch.get_rng_state()}  # dropout masks continue as uninterrupted
+    # The random state, so dropout continues as uninterrupted; the objective's own state.
+    state = {"epoch": epoch + 1, "torch_rng": torch.get_rng_state(), "objective": objective.state_dict()}
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state()
     engine.save_checkpoint(str(root), tag=f"epoch-{epoch + 1:03d}", client_state=state,
@@ -319,9 +327,9 @@ def _has_frozen(module) -> bool:
     return any(not p.requires_grad for p in module.parameters())
 
 
-def _resume(engine, root: Path) -> int:
-    """Loads the latest epoch checkpoint under `root` (and the random state it was taken with);
-    returns the epoch to start from."""
+def _resume(engine, root: Path, objective: Objective) -> int:
+    """Loads the latest epoch checkpoint under `root` (and the random state and objective state it was
+    taken with); returns the epoch to start from."""
     if not (root / "latest").exists():
         return 0
     _, state = engine.load_checkpoint(str(root), load_module_strict=not _has_frozen(engine.module))
@@ -330,4 +338,5 @@ def _resume(engine, root: Path) -> int:
         torch.set_rng_state(state["torch_rng"])
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda_rng"])
+    objective.load_state_dict(state.get("objective", {}))
     return int(state.get("epoch", 0))

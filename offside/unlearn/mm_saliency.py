@@ -5,8 +5,10 @@ the projector or the language model, chosen by config — that are most salient 
 and least to the retain data, so the rest of the model (and the other modality) is left untouched.
 
 At the first step the saliency of every trainable parameter entry in the chosen part is
-|∂NLL_f/∂w| / (|∂NLL_r/∂w| + ε) on that step's batches; the top `keep_ratio` entries are updated,
-every other trainable parameter is frozen (its gradient is masked to zero and weight decay is off).
+|∂NLL_f/∂w| / (|∂NLL_r/∂w| + ε) on that step's batches — the gradients averaged over the ranks, so
+every rank chooses the same entries, those of the global batch; the top `keep_ratio` entries are
+updated, every other trainable parameter is frozen (its gradient is masked to zero and weight decay
+is off). The mask is saved with each checkpoint, and a resumed run keeps it.
 Loss: −w_f·NLL(forget) + w_r·NLL(retain) (gradient difference under the mask)."""
 
 from dataclasses import dataclass
@@ -44,34 +46,59 @@ class ModalitySaliency(Method):
             raise OffsideError(f"mm_saliency.part: unknown {self.part!r} (valid: {', '.join(PARTS)})")
         if not 0 < self.keep_ratio <= 1:
             raise OffsideError(f"mm_saliency.keep_ratio must be in (0, 1], got {self.keep_ratio}")
-        self._masked = False
+        self._masks: dict[str, torch.Tensor] | None = None  # name → bool mask, once chosen
+        self._hooked = False
 
     def loss(self, model, batches):
-        if not self._masked:
-            self._mask(model, batches)
+        if not self._hooked:
+            raw = getattr(model, "module", model)  # saliency gradients bypass the DeepSpeed engine's hooks
+            named = [(n.removeprefix("base_model.model."), p) for n, p in raw.named_parameters() if p.requires_grad]
+            if self._masks is None:
+                self._masks = self._choose(raw, named, batches)
+            self._apply(named, self._masks)
+            _disable_weight_decay(model)
         nll_forget = token_nll(model, batches["forget"])
         nll_retain = token_nll(model, batches["retain"])
         loss = -self.forget_weight * nll_forget + self.retain_weight * nll_retain
         return loss, {"nll_forget": nll_forget.item(), "nll_retain": nll_retain.item()}
 
-    def _mask(self, model, batches) -> None:
-        raw = getattr(model, "module", model)  # saliency gradients bypass the DeepSpeed engine's hooks
-        named = [(n.removeprefix("base_model.model."), p) for n, p in raw.named_parameters() if p.requires_grad]
+    def state_dict(self) -> dict:
+        return {"masks": {n: m.cpu() for n, m in self._masks.items()}} if self._masks is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._masks = state.get("masks")
+
+    def _choose(self, raw, named, batches) -> dict[str, torch.Tensor]:
         part = [(n, p) for n, p in named if PARTS[self.part] in n]
         if not part:
             raise OffsideError(f"mm_saliency.part={self.part!r} has no trainable parameters "
                                "(is it frozen? set model.freeze_vision: false to unlearn in the vision tower)")
         params = [p for _, p in part]
         nll_forget, nll_retain = token_nll(raw, batches["forget"]), token_nll(raw, batches["retain"])
-        g_forget = torch.autograd.grad(nll_forget, params, retain_graph=True)
-        g_retain = torch.autograd.grad(nll_retain, params)
+        g_forget = _rank_mean(torch.autograd.grad(nll_forget, params, retain_graph=True))
+        g_retain = _rank_mean(torch.autograd.grad(nll_retain, params))
         scores = {n: gf.abs() / (gr.abs() + EPSILON) for (n, _), gf, gr in zip(part, g_forget, g_retain)}
-        masks = salient_masks(scores, self.keep_ratio)
+        return salient_masks(scores, self.keep_ratio)
+
+    def _apply(self, named, masks: dict[str, torch.Tensor]) -> None:
         for name, param in named:
-            mask = masks.get(name, torch.zeros((), dtype=torch.bool, device=param.device)).to(param.dtype)
+            mask = masks[name].to(param.device, param.dtype) if name in masks else torch.zeros((), dtype=param.dtype, device=param.device)
             param.register_hook(lambda grad, m=mask: grad * m)
-        _disable_weight_decay(model)
-        self._masked = True
+        self._hooked = True
+
+
+def _rank_mean(grads: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    """Gradients averaged over the process group's ranks (as the optimizer step averages them)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(grads)
+    averaged = []
+    for grad in grads:
+        grad = grad.detach().clone()
+        dist.all_reduce(grad)
+        averaged.append(grad / dist.get_world_size())
+    return averaged
 
 
 def _disable_weight_decay(model) -> None:
