@@ -66,3 +66,50 @@ def test_a_resumed_saliency_run_keeps_its_mask(tmp_path):
     train(model, processor, resumed, _streams(), spec, checkpoint_dir=tmp_path, resume=True, progress=False)
     masks, kept = first.state_dict()["masks"], resumed.state_dict()["masks"]
     assert masks.keys() == kept.keys() and all(torch.equal(masks[n], kept[n]) for n in masks)
+
+
+def _eval_worker(rank: int, world: int, port: int, out: str) -> None:
+    import json
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), HF_HUB_OFFLINE="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from offside.eval import evaluate as evaluation
+    from offside.eval.evaluate import EvalSpec
+
+    model, processor = build_or_load(ModelSpec(f"{GOLDEN}/model"))
+    bench = load_benchmark(f"{GOLDEN}/data")
+    rows = {s: materialise(bench[s]) for s in ("forget", "retain")}
+    spec = EvalSpec(splits=["forget", "retain"], limit=7, max_new_tokens=8)  # 7 rows: ranks do 4 and 3
+    predicted = []
+    predict = evaluation.predict
+
+    def counted(model, processor, rows, form, spec):
+        predicted.append(len(rows))
+        return predict(model, processor, rows, form, spec)
+
+    evaluation.predict = counted
+    split, _ = evaluation.evaluate(model, processor, rows, spec, progress=False, across_ranks=True)
+    mine = sum(predicted)
+    alone, _ = evaluation.evaluate(model, processor, rows, spec, progress=False) if rank == 0 else ({}, [])
+    with open(Path(out) / f"eval{rank}.json", "w") as f:
+        json.dump({"split": split, "alone": alone, "predicted": mine, "total": sum(predicted) - mine}, f)
+    dist.destroy_process_group()
+
+
+def test_evaluation_split_across_ranks_gives_one_ranks_metrics_for_half_the_work(tmp_path):
+    import json
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_eval_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"eval{r}.json").read_text()) for r in range(2)]
+    alone = ranks[0]["alone"]
+    assert ranks[0]["split"] == ranks[1]["split"]  # every rank has the gathered result
+    assert ranks[0]["split"].keys() == alone.keys()
+    for key, value in alone.items():  # batch composition differs; a flipped choice would move by 1/7
+        assert ranks[0]["split"][key] == pytest.approx(value, abs=1e-6), key
+    total = ranks[0]["total"]
+    assert ranks[0]["predicted"] + ranks[1]["predicted"] == total and max(r["predicted"] for r in ranks) <= total / 2 + 8

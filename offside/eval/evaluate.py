@@ -59,8 +59,12 @@ def predict(model, processor, rows: list[dict], form: str, spec: EvalSpec) -> li
     return [parse_choice(a, r["options"]) for a, r in zip(answers, rows)]
 
 
-def evaluate(model, processor, bench: dict[str, list[dict]], spec: EvalSpec, progress: bool = True):
-    """Returns (metrics, predictions): metrics keyed as above; one prediction record per row."""
+def evaluate(model, processor, bench: dict[str, list[dict]], spec: EvalSpec, progress: bool = True,
+             across_ranks: bool = False):
+    """Returns (metrics, predictions): metrics keyed as above; one prediction record per row. With
+    `across_ranks`, inside a process group each rank predicts every world-th row and every rank gets
+    all outputs: the same metrics for 1/world of the work. Not under ZeRO-3, where every rank must
+    join every forward pass (the weights are gathered collectively)."""
     check(spec)
     was_training = model.training
     model.eval()
@@ -69,19 +73,36 @@ def evaluate(model, processor, bench: dict[str, list[dict]], spec: EvalSpec, pro
     jobs = [(s, m, f) for s in spec.splits for m in spec.modalities for f in spec.forms]
     for split, modality, form in tqdm(jobs, desc="eval", disable=not progress, leave=False):
         rows = [r for r in bench.get(split, []) if r["modality"] == modality and r["form"] == form][: spec.limit]
-        scored, predicted = score_rows(model, processor, split, modality, form, rows, spec)
+        scored, predicted = score_rows(model, processor, split, modality, form, rows, spec, across_ranks)
         metrics |= scored
         predictions += predicted
     model.train(was_training)
     return dict(sorted(metrics.items())), predictions
 
 
-def score_rows(model, processor, split: str, modality: str, form: str, rows: list[dict], spec: EvalSpec):
+def predict_across_ranks(model, processor, rows: list[dict], form: str, spec: EvalSpec) -> list:
+    """`predict`, each rank of the process group doing every world-th row; all outputs on every rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return predict(model, processor, rows, form, spec)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = rows[rank::world]
+    parts: list = [None] * world
+    dist.all_gather_object(parts, predict(model, processor, mine, form, spec) if mine else [])
+    outputs: list = [None] * len(rows)
+    for owner, part in enumerate(parts):
+        outputs[owner::world] = part
+    return outputs
+
+
+def score_rows(model, processor, split: str, modality: str, form: str, rows: list[dict], spec: EvalSpec,
+               across_ranks: bool = False):
     """Metrics and prediction records of rows of one split × modality × form (any split name, e.g.
     the general-ability set's "general")."""
     if not rows:
         return {}, []
-    outputs = predict(model, processor, rows, form, spec)
+    outputs = (predict_across_ranks if across_ranks else predict)(model, processor, rows, form, spec)
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
     predictions = []
