@@ -64,3 +64,16 @@ def untrained_tiny_bench(root, seed: int):
     texts = [r[c] for split in rows.values() for r in split for c in ("question", "answer")]
     model, processor = build_or_load(ModelSpec("tiny"), texts, seed=0)
     return model.eval(), processor, rows, data
+
+
+def run_ranks(worker, out, world: int = 2) -> None:
+    """Runs `worker(rank, world, port, out)` in `world` spawned processes that form a gloo group on a
+    free loopback port (the worker calls init_process_group with them)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(world, port, str(out)), nprocs=world, join=True)

@@ -1,13 +1,12 @@
 """Issue 14: what several ranks do must not depend on their number (2 gloo ranks on CPU)."""
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
+from conftest import run_ranks
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from offside.data.loader import load_benchmark
 from offside.data.rows import materialise
@@ -40,10 +39,7 @@ def _saliency_worker(rank: int, world: int, port: int, out: str) -> None:
 def test_saliency_ranks_choose_one_mask_of_the_keep_ratio(tmp_path):
     """Each rank scores saliency on its own batch; the gradients are averaged before choosing, so all
     ranks update the same entries and the updated share is the keep ratio, not up to world × it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_saliency_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    run_ranks(_saliency_worker, tmp_path)
     first, second = (torch.load(tmp_path / f"masks{r}.pt") for r in range(2))
     assert first.keys() == second.keys()
     assert all(torch.equal(first[n], second[n]) for n in first)
@@ -101,10 +97,7 @@ def _eval_worker(rank: int, world: int, port: int, out: str) -> None:
 def test_evaluation_split_across_ranks_gives_one_ranks_metrics_for_half_the_work(tmp_path):
     import json
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_eval_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    run_ranks(_eval_worker, tmp_path)
     ranks = [json.loads((tmp_path / f"eval{r}.json").read_text()) for r in range(2)]
     alone = ranks[0]["alone"]
     assert ranks[0]["split"] == ranks[1]["split"]  # every rank has the gathered result

@@ -3,12 +3,11 @@ two gloo ranks, each on its own shard, end with identical weights."""
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import torch
+from conftest import run_ranks
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 
@@ -33,10 +32,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_two_ranks_share_one_model(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    run_ranks(_worker, tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert all(r["world"] == 2 for r in ranks)
     assert ranks[0]["steps"] == ranks[1]["steps"] == 4  # 8 rows / 2 ranks / batch 2, × 2 epochs
@@ -83,10 +79,7 @@ def test_a_zero3_trial_checkpoint_exports_the_weights_it_trained(tmp_path):
     from tune_jobs.spec import SweepConfig
     from tune_jobs.sweep import export_model
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_zero3_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    run_ranks(_zero3_worker, tmp_path)
     assert not list((tmp_path / "checkpoint").rglob("mp_rank_00_model_states.pt"))
     row = {"checkpoint_path": str(tmp_path / "checkpoint"), "trial_id": "t0", "epoch": 1, "objective": 0.0,
            "settings": {"method": "ga", "lora": LORA, "train": {"seed": 0}}}
