@@ -30,8 +30,8 @@ from offside.errors import OffsideError
 from offside.eval.attacks import ATTACKS, recovery_rates, run_attacks
 from offside.eval.evaluate import EvalSpec, check, evaluate, score_rows
 from offside.eval.llm_judge import LLMJudge, LLMJudgeSpec, judge_records
-from offside.models.loading import LoraSpec
 from offside.eval.robustness import four_bit_backend, logit_lens, mia_auc, quantised_int8, relearning_curve
+from offside.models.loading import LoraSpec
 
 SUITES = ("efficacy", "generalization", "utility", "robustness")
 SUITE_SPLITS = {"efficacy": ("forget", "relearn"), "generalization": ("test",), "utility": ("retain",)}
