@@ -61,15 +61,28 @@ def test_grad_accumulation_counts_optimizer_steps(base):
     assert result.steps == 4  # 8 micro-batches / accumulation 2
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_checkpoint_each_epoch_and_resume(base, tmp_path, lora):
+def test_accumulated_micro_batches_are_one_batch(base):
+    """The token mean is over the optimizer step's rows: 2 micro-batches of 2 rows accumulated give
+    the weights of one batch of 4, though the rows' answers differ in length."""
+    rows = [{**row, "answer": row["answer"] + " He plays football." * (i % 3)} for i, row in enumerate(_rows(8))]
+    one, _ = _fit(base, TrainSpec(epochs=1, lr=3e-3, batch_size=4, warmup_ratio=0.0), streams={"train": rows})
+    two, _ = _fit(base, TrainSpec(epochs=1, lr=3e-3, batch_size=2, grad_accum=2, warmup_ratio=0.0), streams={"train": rows})
+    for (name, a), b in zip(one.named_parameters(), two.parameters()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+@pytest.mark.parametrize("lora, accum", [(False, 1), (True, 1), (False, 3)])
+def test_checkpoint_each_epoch_and_resume(base, tmp_path, lora, accum):
     """Resuming from the last epoch's checkpoint gives the uninterrupted run's weights; with LoRA the
-    checkpoint holds the adapters and their optimizer state, not the frozen base."""
+    checkpoint holds the adapters and their optimizer state, not the frozen base. With 4 micro-batches
+    an epoch and accumulation 3, the epoch ends on an optimizer step (the checkpoint holds no half-
+    accumulated gradients)."""
     from offside.models.loading import LoraSpec, apply_lora
 
     if lora:
         base = (apply_lora(copy.deepcopy(base[0]), LoraSpec(r=4), seed=0), base[1])  # dropout 0.05: random state
-    spec = TrainSpec(epochs=3, lr=3e-3, batch_size=4, warmup_ratio=0.0, keep_checkpoints=1 if lora else 2)
+    spec = TrainSpec(epochs=3, lr=3e-3, batch_size=2 if accum > 1 else 4, grad_accum=accum, warmup_ratio=0.0,
+                     keep_checkpoints=1 if lora else 2)
     full_model, full = _fit(base, spec)
 
     def interrupt(epoch, model, logs):

@@ -37,7 +37,7 @@ def test_two_ranks_share_one_model(tmp_path):
     assert all(r["world"] == 2 for r in ranks)
     assert ranks[0]["steps"] == ranks[1]["steps"] == 4  # 8 rows / 2 ranks / batch 2, × 2 epochs
     assert ranks[0]["checksum"] == ranks[1]["checksum"]  # gradients were averaged across ranks
-    assert ranks[0]["losses"] != ranks[1]["losses"]  # each rank saw its own shard
+    assert ranks[0]["losses"] == ranks[1]["losses"]  # each rank saw its own shard; the logs are the global batch's
 
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "groups": ["language", "vision"]}

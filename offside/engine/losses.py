@@ -1,12 +1,25 @@
 """Likelihood building blocks shared by every objective. Only answer tokens count (labels mask the
 prompt, the image and padding), and only the positions that predict them are projected onto the
 vocabulary. Functions of logits are separate from model calls so that losses can be checked on
-hand-made logits (aligned: logits[:, i] predicts targets[:, i])."""
+hand-made logits (aligned: logits[:, i] predicts targets[:, i]).
+
+Token means are means over the optimizer step's global batch: the trainer stores in each batch
+(`ANSWER_TOKENS`) the answer tokens of the whole step, all ranks and accumulated micro-batches
+together, divided by ranks × micro-batches. A rank's sum over its tokens divided by that, averaged
+over ranks (the all-reduce) and micro-batches (DeepSpeed's accumulation), is the mean over every
+token of the step, whatever the number of workers. Without it (a plain call), the batch's own count."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+ANSWER_TOKENS = "answer_tokens"  # batch key: the step's mean answer tokens per micro-batch and rank
+
+
+def model_inputs(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the model takes: the batch without its labels and token count."""
+    return {k: v for k, v in inputs.items() if k not in ("labels", ANSWER_TOKENS)}
 
 
 def answer_logits(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -16,7 +29,7 @@ def answer_logits(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     151,936 tokens, logits over every image and prompt position would be most of a step's memory."""
     labels = inputs["labels"]
     positions = (labels[:, 1:] != -100).any(0).nonzero().squeeze(-1)
-    logits = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=positions).logits
+    logits = model(**model_inputs(inputs), logits_to_keep=positions).logits
     return logits, labels[:, positions + 1]
 
 
@@ -45,9 +58,10 @@ def sequence_nll(model, inputs: dict[str, torch.Tensor], reduce: str = "mean") -
 
 
 def token_nll(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean NLL over all answer tokens of the batch (the usual fine-tuning loss)."""
+    """Mean NLL over all answer tokens of the batch (the usual fine-tuning loss); in training, over
+    the step's global batch (module docstring)."""
     logprobs, mask = answer_logprobs(model, inputs)
-    return -logprobs.sum() / mask.sum().clamp(min=1)
+    return -logprobs.sum() / inputs.get(ANSWER_TOKENS, mask.sum()).clamp(min=1)
 
 
 def kl_ref_to_theta(logits: torch.Tensor, ref_logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -61,5 +75,4 @@ def kl_ref_to_theta(logits: torch.Tensor, ref_logits: torch.Tensor, targets: tor
 
 def hidden_states_at(model, inputs: dict[str, torch.Tensor], layer: int) -> torch.Tensor:
     """The language model's hidden states after `layer` (0 = embeddings), (batch, seq, hidden)."""
-    model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-    return model(**model_inputs, output_hidden_states=True).hidden_states[layer]
+    return model(**model_inputs(inputs), output_hidden_states=True).hidden_states[layer]

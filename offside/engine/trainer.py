@@ -28,6 +28,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from offside.config import deep_merge
+from offside.engine.losses import ANSWER_TOKENS
 from offside.errors import OffsideError
 from offside.models.processor import Processor, augment
 
@@ -125,6 +126,25 @@ def ensure_distributed() -> None:
     )
 
 
+def is_main_rank() -> bool:
+    """Rank 0 of the process group, or a process outside one: the one that writes and logs."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def launched() -> bool:
+    """Started by a launcher (torchrun, deepspeed, Ray Train) as one of several ranks."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def from_main_rank(value: Any) -> Any:
+    """Rank 0's `value` on every rank of the process group (a collective), or `value` alone."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
 class _Stream:
     """One rank's shard of a dataset, reshuffled each epoch with a seed shared by all ranks."""
 
@@ -170,8 +190,10 @@ def train(
     shards = {name: _Stream(streams[name], spec.seed, rank, world) for name in objective.streams}
     primary = objective.streams[0]
     sizes = {name: spec.batch_size * (1 if name == primary else spec.retain_ratio) for name in objective.streams}
-    steps_per_epoch = math.ceil(len(shards[primary].order(0)) / spec.batch_size)
-    total_steps = max(1, steps_per_epoch * spec.epochs // spec.grad_accum)
+    # Epochs end on an optimizer step (the last one wraps round the shard), so an epoch checkpoint
+    # never holds half-accumulated gradients and a resumed run is the uninterrupted one.
+    steps_per_epoch = math.ceil(len(shards[primary].order(0)) / (spec.batch_size * spec.grad_accum))
+    total_steps = max(1, steps_per_epoch * spec.epochs)
     if spec.max_steps:
         total_steps = min(total_steps, spec.max_steps)
 
@@ -191,25 +213,26 @@ def train(
             break
         engine.train()
         aug_rng = random.Random(f"{spec.seed}-{epoch}-{rank}")
-        iterators = {name: _batches(shards[name], epoch, sizes[name], steps_per_epoch) for name in objective.streams}
+        iterators = {name: _batches(shards[name], epoch, sizes[name], steps_per_epoch * spec.grad_accum)
+                     for name in objective.streams}
         totals: dict[str, float] = {}
-        steps_run = 0
+        micro_steps = 0
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{spec.epochs}", disable=not progress or rank != 0, leave=False)
         for _ in bar:
-            rows = {name: next(it) for name, it in iterators.items()}
-            for name, (source, rewrite) in objective.rewrites().items():
-                rows[name] = [rewrite(row) for row in rows[source]]
-            batches = {name: _to_device(_encode(processor, r, spec.augment, aug_rng), engine.device) for name, r in rows.items()}
-            loss, logs = objective.loss(engine, batches)
-            engine.backward(loss)
-            engine.step()
-            for key, value in {"loss": loss.item(), **logs}.items():
-                totals[key] = totals.get(key, 0.0) + value
-            steps_run += 1
+            step = [_micro_batch(iterators, objective, processor, spec, aug_rng) for _ in range(spec.grad_accum)]
+            _count_answer_tokens(step, world)
+            for batches in step:
+                batches = {name: _to_device(inputs, engine.device) for name, inputs in batches.items()}
+                loss, logs = objective.loss(engine, batches)
+                engine.backward(loss)
+                engine.step()
+                for key, value in {"loss": loss.item(), **logs}.items():
+                    totals[key] = totals.get(key, 0.0) + value
+                micro_steps += 1
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if spec.max_steps and engine.global_steps >= spec.max_steps:
                 break
-        logs = {f"train/{k}": v / max(1, steps_run) for k, v in totals.items()}
+        logs = _mean_over_ranks({f"train/{k}": v / max(1, micro_steps) for k, v in totals.items()}, world)
         logs.update({"epoch": epoch + 1, "step": engine.global_steps, "lr": scheduler.get_last_lr()[0]})
         if checkpoint_dir is not None:
             _save_checkpoint(engine, checkpoint_dir, epoch, spec.keep_checkpoints, objective)
@@ -294,6 +317,36 @@ def _lookup(config: dict, dotted: str):
     for part in dotted.split("."):
         node = node.get(part) if isinstance(node, dict) else None
     return node
+
+
+def _micro_batch(iterators: dict, objective: Objective, processor: Processor, spec: TrainSpec,
+                 aug_rng: random.Random) -> dict[str, dict[str, torch.Tensor]]:
+    """The next micro-batch of every stream (and of the objective's rewrites), encoded."""
+    rows = {name: next(it) for name, it in iterators.items()}
+    for name, (source, rewrite) in objective.rewrites().items():
+        rows[name] = [rewrite(row) for row in rows[source]]
+    return {name: _encode(processor, r, spec.augment, aug_rng) for name, r in rows.items()}
+
+
+def _mean_over_ranks(values: dict[str, float], world: int) -> dict[str, float]:
+    """The ranks' mean of each value (every rank logs the same, the global batch's, figures)."""
+    if world == 1:
+        return values
+    means = torch.tensor(list(values.values()), dtype=torch.float64)
+    dist.all_reduce(means)
+    return dict(zip(values, (means / world).tolist()))
+
+
+def _count_answer_tokens(step: list[dict[str, dict[str, torch.Tensor]]], world: int) -> None:
+    """Stores in every batch of the optimizer step its stream's answer tokens over the whole step,
+    all ranks together, per micro-batch and rank (see `offside.engine.losses`)."""
+    names = list(step[0])
+    counts = torch.tensor([sum(int((b[n]["labels"][:, 1:] != -100).sum()) for b in step) for n in names], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(counts)
+    for batches in step:
+        for name, count in zip(names, counts / (world * len(step))):
+            batches[name][ANSWER_TOKENS] = count.float()
 
 
 def _encode(processor: Processor, rows: list[dict], do_augment: bool, rng: random.Random) -> dict:
