@@ -1,6 +1,10 @@
 """The pipeline's stages: finetune, unlearn, eval. Each is a function of a typed config that writes
 its own directory (atomically: built under a hidden temp name, renamed when complete) and is one
-MLflow run. A stage never writes into an existing non-empty directory."""
+MLflow run. A stage never writes into an existing non-empty directory.
+
+Under a launcher (torchrun, deepspeed) every rank runs the stage: all of them train and evaluate
+(each its share of the rows), rank 0 alone writes the directory and logs the MLflow run, and every
+rank returns rank 0's result. Ranks on several nodes need the output directory on shared storage."""
 
 from __future__ import annotations
 
@@ -23,12 +27,12 @@ from offside.data.rows import materialise
 from offside.data.scenarios import forget_share, select
 from offside.data.schema import MODALITIES
 from offside.engine.finetune import FineTune
-from offside.engine.trainer import TrainSpec, train
+from offside.engine.trainer import TrainSpec, ensure_distributed, from_main_rank, is_main_rank, launched, train
 from offside.errors import OffsideError
 from offside.eval.evaluate import EvalSpec, check, evaluate
 from offside.eval.sanity import checked
 from offside.eval.suites import RobustnessSpec, UtilitySpec, check_suites, run_suites
-from offside.models.loading import ModelSpec, adapter_lora, build_or_load, resolve_device, save
+from offside.models.loading import ModelSpec, adapter_lora, build_or_load, gathered_for_save, resolve_device, save
 from offside.provenance import git_sha, model_provenance
 from offside.recipes import PUBLISHED_RELEARN
 from offside.tracking import Run, stage_run
@@ -172,11 +176,12 @@ def evaluate_model(config: EvalConfig, progress: bool = True) -> StageResult:
     def body(out: Path, run: Run) -> dict[str, float]:
         result = run_suites(model, processor, rows, config.suites, config.eval, config.utility, robustness,
                             out, progress)
-        _write_jsonl(out / "predictions.jsonl", result.predictions)
-        if result.attack_records:
-            _write_jsonl(out / "attacks.jsonl", result.attack_records)
-        if result.notes:
-            (out / "notes.txt").write_text("\n".join(result.notes) + "\n")
+        if is_main_rank():
+            _write_jsonl(out / "predictions.jsonl", result.predictions)
+            if result.attack_records:
+                _write_jsonl(out / "attacks.jsonl", result.attack_records)
+            if result.notes:
+                (out / "notes.txt").write_text("\n".join(result.notes) + "\n")
         return result.metrics
 
     tags = {"stage": "eval", "model": config.model.name, "suites": ",".join(config.suites)}
@@ -213,15 +218,15 @@ def training_rows(rows: list[dict], modalities: list[str]) -> list[dict]:
 
 def _evaluate_into(out: Path, model, processor, rows, spec: EvalSpec, progress: bool) -> dict[str, float]:
     metrics, predictions = evaluate(model, processor, rows, spec, progress)
-    with open(out / "predictions.jsonl", "w") as f:
-        f.writelines(json.dumps(p) + "\n" for p in predictions)
+    if is_main_rank():
+        _write_jsonl(out / "predictions.jsonl", predictions)
     return metrics
 
 
 def _fit_and_save(out: Path, run: Run, model, processor, objective, streams, spec: TrainSpec, config, bench,
                   progress: bool, step_offset: int = 0) -> dict[str, float]:
     """Trains with the engine (per-epoch metrics to MLflow), saves the model into `out`, and returns
-    the final epoch's summary."""
+    the final epoch's summary. Every rank returns once the model is saved (so it may be reloaded)."""
     out.mkdir(parents=True, exist_ok=True)
     callbacks = [lambda epoch, _model, logs: run.log_metrics(logs, step=step_offset + epoch)]
     if config.epoch_eval is not None:
@@ -229,9 +234,12 @@ def _fit_and_save(out: Path, run: Run, model, processor, objective, streams, spe
         eval_rows = {s: materialise(bench[s]) for s in config.epoch_eval.splits}
         callbacks.insert(0, lambda epoch, m, logs: evaluate(m, processor, eval_rows, config.epoch_eval, False)[0])
     result = train(model, processor, objective, streams, spec, out / "checkpoints", callbacks=callbacks, progress=progress)
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the saved model below supersedes them
-    save(model, processor, out)
-    (out / "history.json").write_text(json.dumps(result.history, indent=2) + "\n")
+    with gathered_for_save(model):
+        if is_main_rank():
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the saved model supersedes them
+            save(model, processor, out)
+            (out / "history.json").write_text(json.dumps(result.history, indent=2) + "\n")
+    from_main_rank(None)  # a barrier: the model is on disk for every rank
     final = result.history[-1] if result.history else {}
     # Per-epoch values are already logged at their epoch; the summary gets its own names.
     return {f"final/{k}": v for k, v in final.items() if isinstance(v, (int, float))} | {"steps": result.steps}
@@ -241,18 +249,34 @@ def run_stage(stage: str, config, tags: dict[str, str], body: Callable[[Path, Ru
               manifest: dict | None = None) -> StageResult:
     """Runs `body` in a temp directory beside `config.out` and renames it into place on success;
     on failure the temp directory is removed and the MLflow run is marked FAILED. `manifest`: extra
-    manifest.json entries, read when `body` has returned (so it may add to them)."""
+    manifest.json entries, read when `body` has returned (so it may add to them). Under a launcher,
+    ranks other than 0 run `body` in rank 0's directory, writing nothing and logging nowhere."""
     out = check_out(config.out)
+    if launched():
+        ensure_distributed()
+    if not is_main_rank():
+        tmp, run_id = from_main_rank(None)
+        body(Path(tmp), _NoRun())
+        metrics = from_main_rank(None)  # rank 0 renames the directory once every rank is done with it
+        return StageResult(out.resolve(), run_id, metrics)
     started = time.time()
     with atomic_dir(out) as tmp, stage_run(out.parent, out.name, to_dict(config), tags) as run:
+        from_main_rank((str(tmp), run.run_id))
         (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-        metrics = body(tmp, run)
+        metrics = from_main_rank(body(tmp, run))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         entries = _manifest(stage, config, started, run.run_id) | (manifest or {})
         (tmp / "manifest.json").write_text(json.dumps(entries, indent=2) + "\n")
         run.log_metrics(metrics)
         run.log_artifacts(tmp)
     return StageResult(out.resolve(), run.run_id, metrics)  # absolute: results files are read from anywhere
+
+
+class _NoRun:
+    """Where ranks other than 0 log: nowhere (rank 0 holds the stage's MLflow run)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        pass
 
 
 @contextmanager

@@ -89,7 +89,7 @@ def train_worker(cfg: dict) -> None:
     _record_worker(cfg, rank, start_epoch)
 
     def on_epoch(epoch: int, module, logs: dict) -> dict:
-        metrics, _ = evaluate(module, processor, eval_rows, eval_spec, progress=False, across_ranks=spec.zero_stage < 3)
+        metrics, _ = evaluate(module, processor, eval_rows, eval_spec, progress=False)
         if with_summary:
             metrics.update(summary_scores(metrics, cfg["vanilla_metrics"]))
         metrics.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})

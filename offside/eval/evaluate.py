@@ -60,12 +60,15 @@ def predict(model, processor, rows: list[dict], form: str, spec: EvalSpec) -> li
 
 
 def evaluate(model, processor, bench: dict[str, list[dict]], spec: EvalSpec, progress: bool = True,
-             across_ranks: bool = False):
+             across_ranks: bool | None = None):
     """Returns (metrics, predictions): metrics keyed as above; one prediction record per row. With
     `across_ranks`, inside a process group each rank predicts every world-th row and every rank gets
     all outputs: the same metrics for 1/world of the work. Not under ZeRO-3, where every rank must
-    join every forward pass (the weights are gathered collectively)."""
+    join every forward pass (the weights are gathered collectively). By default (None): whenever it
+    can, so every rank of a group must call it."""
     check(spec)
+    if across_ranks is None:
+        across_ranks = can_split_across_ranks(model)
     was_training = model.training
     model.eval()
     metrics: dict[str, float] = {}
@@ -78,6 +81,15 @@ def evaluate(model, processor, bench: dict[str, list[dict]], spec: EvalSpec, pro
         predictions += predicted
     model.train(was_training)
     return dict(sorted(metrics.items())), predictions
+
+
+def can_split_across_ranks(model) -> bool:
+    """In a process group of several ranks, with the weights whole on each (not ZeRO-3 partitions)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return False
+    return not any(hasattr(p, "ds_id") for p in model.parameters())
 
 
 def predict_across_ranks(model, processor, rows: list[dict], form: str, spec: EvalSpec) -> list:

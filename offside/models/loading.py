@@ -215,6 +215,15 @@ def save(model, processor: Processor, out_dir: Path, merge: bool = False) -> Non
     (out_dir / META_FILE).write_text(json.dumps({"image_size": processor.image_size}, indent=2) + "\n")
 
 
+def gathered_for_save(model):
+    """A context in which the ZeRO-3 partitions of what `save` writes (the adapters, or every weight)
+    are whole on every rank. A collective: every rank enters it. A no-op for a model not under ZeRO-3."""
+    import deepspeed
+
+    adapter_only = bool(_trained_on(model))
+    return deepspeed.zero.GatheredParameters([p for p in model.parameters() if p.requires_grad or not adapter_only])
+
+
 def _trained_on(model) -> str | None:
     """What a LoRA model's adapters were put on (an absolute directory or a hub id); None for a plain
     model or the tiny model built from scratch, which is nowhere to load from."""
