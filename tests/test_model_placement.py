@@ -116,20 +116,27 @@ def test_lora_on_an_adapter_starts_from_that_adapters_model(adapters):
         export_merged(str(adapters / "ga"), str(adapters / "vanilla"))
 
 
-def test_a_zero3_stage_saves_the_weights_it_trained(tmp_path):
-    """ZeRO-3 partitions the parameters (each holds an empty tensor between forward passes); the
-    stage's save gathers them, so its adapter matches the same run under ZeRO-0."""
+@pytest.mark.parametrize("lora", [LoraSpec(r=4), None], ids=["lora", "full"])
+def test_a_zero3_stage_saves_the_weights_it_trained(tmp_path, lora):
+    """ZeRO-3 partitions the parameters (those over DeepSpeed's persistence threshold hold an empty
+    tensor between forward passes); the stage's save gathers them, so what it saves matches the same
+    run under ZeRO-0."""
     from safetensors.torch import load_file
 
     saved = {}
     for stage in (0, 3):
         config = UnlearnConfig(data=f"{GOLDEN}/data", out=str(tmp_path / f"zero{stage}"), method="ga",
-                               train=replace(ONE_EPOCH, zero_stage=stage), model=ModelSpec(f"{GOLDEN}/model", lora=LoraSpec(r=4)))
-        saved[stage] = load_file(unlearn(config, progress=False).run_dir / "adapter_model.safetensors")
+                               train=replace(ONE_EPOCH, zero_stage=stage), model=ModelSpec(f"{GOLDEN}/model", lora=lora))
+        run_dir = unlearn(config, progress=False).run_dir
+        saved[stage] = load_file(run_dir / ("adapter_model.safetensors" if lora else "model.safetensors"))
     assert saved[0].keys() == saved[3].keys()
-    assert any(w.abs().sum() > 0 for n, w in saved[3].items() if "lora_B" in n)
+    if lora:
+        assert any(w.abs().sum() > 0 for n, w in saved[3].items() if "lora_B" in n)
+    # Full fine-tuning under ZeRO-3 sums in another order: measured 2.6e-5 apart where training moved
+    # the weights 1.2e-2.
+    tolerance = 1e-5 if lora else 1e-4
     for name, weight in saved[0].items():
-        assert torch.allclose(saved[3][name], weight, atol=1e-5), name
+        assert saved[3][name].shape == weight.shape and torch.allclose(saved[3][name], weight, atol=tolerance), name
 
 
 def test_manifests_record_the_model_and_reports_read_them_from_anywhere(adapters, monkeypatch, tmp_path):
