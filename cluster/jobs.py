@@ -27,7 +27,7 @@ from offside.provenance import GIT_SHA_ENV, git_sha
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 CONNECT_TIMEOUT_S = 5.0
 # Read from the submitting shell and passed to the job unless the runtime env sets them.
-FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "OFFSIDE_EXPERIMENT")
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "OFFSIDE_EXPERIMENT")
 RUNS_DIR_ENV = "OFFSIDE_RUNS_DIR"
 TERMINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
 # The entrypoint runs with the cluster's PATH: on the node image (cluster/docker/Dockerfile) `python`
@@ -201,8 +201,9 @@ def parse_env(items: list[str]) -> dict[str, str]:
 
 
 def build_runtime_env(runtime_env_file: str | None, working_dir: str | None, env: dict[str, str]) -> dict:
-    """The file's runtime env; --env on top; MLFLOW_TRACKING_URI and OFFSIDE_EXPERIMENT from this
-    shell where the file does not set them; OFFSIDE_GIT_SHA, this checkout's commit. Working dir:
+    """The file's runtime env; --env on top; MLFLOW_TRACKING_URI, the MLflow credentials
+    (MLFLOW_TRACKING_USERNAME / _PASSWORD) and OFFSIDE_EXPERIMENT from this shell where the file does
+    not set them; OFFSIDE_GIT_SHA, this checkout's commit. Working dir:
     --working-dir, else the file's, else '.'."""
     runtime_env = load_runtime_env(runtime_env_file) if runtime_env_file else {}
     if working_dir is not None or "working_dir" not in runtime_env:

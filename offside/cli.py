@@ -84,9 +84,15 @@ def cmd_finetune(args) -> None:
 
 
 def cmd_unlearn(args) -> None:
+    from offside.engine.trainer import is_main_rank
     from offside.stages import UnlearnConfig, unlearn
 
-    _print_result(unlearn(_config(UnlearnConfig, args, UNLEARN_FLAGS)))
+    result = unlearn(_config(UnlearnConfig, args, UNLEARN_FLAGS))
+    _print_result(result)
+    if args.register and is_main_rank():
+        from offside.registry import register_stage
+
+        print(f"registered models:/{args.register}/{register_stage(result.run_dir, args.register)} (alias best)")
 
 
 def cmd_relearn(args) -> None:
@@ -169,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     imp.set_defaults(func=cmd_data_import)
 
     _stage_parser(sub, "finetune", "fine-tune the vanilla model (learns facts and rumours)", FINETUNE_FLAGS, cmd_finetune)
-    _stage_parser(sub, "unlearn", "run an unlearning method in a scenario", UNLEARN_FLAGS, cmd_unlearn)
+    unlearn = _stage_parser(sub, "unlearn", "run an unlearning method in a scenario", UNLEARN_FLAGS, cmd_unlearn)
+    unlearn.add_argument("--register", metavar="NAME", help="register the unlearned model in the MLflow Model Registry as NAME (alias best)")
     _stage_parser(sub, "relearn", "corrective relearning: fine-tune on the true facts, then evaluate", RELEARN_FLAGS, cmd_relearn)
     _stage_parser(sub, "eval", "evaluate a model: --suite efficacy,generalization,utility,robustness (default all)", EVAL_FLAGS, cmd_eval)
 

@@ -77,3 +77,43 @@ def run_ranks(worker, out, world: int = 2) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(worker, args=(world, port, str(out)), nprocs=world, join=True)
+
+
+MLFLOW_ADMIN = ("offside-admin", "a-long-test-passw0rd")
+
+
+def start_mlflow(root, auth: bool = False):
+    """A real `mlflow server` on a free loopback port, its stores under `root`: (process, URI). With
+    `auth`, MLflow's basic-auth app with the admin MLFLOW_ADMIN. Stop it with cluster.local._end_group."""
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    from cluster.local import _end_group, free_port
+
+    root = Path(root)
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job-runner processes (~2 GB)
+    args = ["--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1", "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}"]
+    if auth:
+        (root / "auth.ini").write_text(
+            f"[mlflow]\ndefault_permission = NO_PERMISSIONS\ndatabase_uri = sqlite:///{root / 'auth.db'}\n"
+            f"admin_username = {MLFLOW_ADMIN[0]}\nadmin_password = {MLFLOW_ADMIN[1]}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        env.update(MLFLOW_AUTH_CONFIG_PATH=str(root / "auth.ini"), MLFLOW_FLASK_SERVER_SECRET_KEY="test-csrf-key")
+        args = ["--app-name", "basic-auth", *args]
+    log = open(root / "mlflow.log", "wb")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", *args],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                return proc, uri
+        except OSError:
+            assert proc.poll() is None, (root / "mlflow.log").read_text()[-2000:]
+            time.sleep(1)
+    _end_group(proc)
+    raise AssertionError("mlflow server did not start")

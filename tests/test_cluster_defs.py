@@ -159,7 +159,9 @@ def test_mlflow_server_deployment():
     docs = load_all("mlflow/mlflow.yaml")
     (container,) = containers(kind(docs, "Deployment")["spec"])
     assert container["image"].endswith(f"/mlflow:{mlflow_pin}")
-    args = dict(a.lstrip("-").split("=", 1) for a in container["args"])
+    (script,) = container["args"]
+    assert container["command"] == ["sh", "-c"] and "exec mlflow server --app-name basic-auth" in script
+    args = dict(re.findall(r'--([a-z-]+)\s+"?([^\s"\\]+)', script.split("exec mlflow server", 1)[1]))
     assert args["backend-store-uri"].startswith("postgresql://") and args["artifacts-destination"].startswith("s3://")
     allowed = args["allowed-hosts"].split(",")
     uri = load("runtime_env/kuberay.yaml")["env_vars"]["MLFLOW_TRACKING_URI"]
@@ -170,6 +172,33 @@ def test_mlflow_server_deployment():
     assert "@mlflow-db.offside.svc.cluster.local:5432/" in args["backend-store-uri"] and "mlflow-db" in services
     for env in (containers(g)[0]["env"] for g in (raycluster_spec()["headGroupSpec"], *raycluster_spec()["workerGroupSpecs"])):
         assert {"name": "MLFLOW_TRACKING_URI", "value": uri} in env
+        for name, key in (("MLFLOW_TRACKING_USERNAME", "username"), ("MLFLOW_TRACKING_PASSWORD", "password")):
+            assert {"name": name, "valueFrom": {"secretKeyRef": {"name": "offside-mlflow-auth", "key": key}}} in env
+
+
+def test_mlflow_admits_only_authenticated_ray_pods():
+    """Basic auth with the admin from the Secret the Ray pods read; NetworkPolicies admit only Ray pods
+    to the server and only the server to its database. (A real basic-auth server refusing a client
+    without credentials: tests/test_registry.py.)"""
+    docs = load_all("mlflow/mlflow.yaml")
+    deployment = kind(docs, "Deployment")["spec"]
+    (container,) = containers(deployment)
+    secrets = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
+    assert secrets["MLFLOW_ADMIN_USERNAME"] == {"name": "offside-mlflow-auth", "key": "username"}
+    assert secrets["MLFLOW_ADMIN_PASSWORD"] == {"name": "offside-mlflow-auth", "key": "password"}
+    assert secrets["MLFLOW_FLASK_SERVER_SECRET_KEY"]["name"] == "offside-mlflow-auth"
+    ini = container["args"][0].split("<<EOF", 1)[1].split("EOF", 1)[0]
+    assert "admin_username = ${MLFLOW_ADMIN_USERNAME}" in ini and "default_permission = NO_PERMISSIONS" in ini
+    config_path = next(e["value"] for e in container["env"] if e["name"] == "MLFLOW_AUTH_CONFIG_PATH")
+    assert config_path.endswith(".ini") and 'cat > "$MLFLOW_AUTH_CONFIG_PATH" <<EOF' in container["args"][0]
+    policies = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "NetworkPolicy"}
+    server = policies["mlflow"]
+    assert server["podSelector"]["matchLabels"] == deployment["selector"]["matchLabels"] and server["policyTypes"] == ["Ingress"]
+    (rule,) = server["ingress"]
+    assert rule["from"] == [{"podSelector": {"matchExpressions": [{"key": "ray.io/cluster", "operator": "Exists"}]}}]
+    assert rule["ports"] == [{"port": 5000, "protocol": "TCP"}]
+    (rule,) = policies["mlflow-db"]["ingress"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": deployment["selector"]["matchLabels"]}}]
 
 
 # --- runtime envs, DeepSpeed, sweeps ---------------------------------------------------------------

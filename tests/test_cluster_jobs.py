@@ -40,7 +40,9 @@ def one_line_error(proc) -> str:
 
 
 def test_submit_wait_status_logs_list(token_cluster, tmp_path):
-    env = {**token_cluster.env(), "MLFLOW_TRACKING_URI": "http://mlflow.example:5000"}
+    mlflow_env = {"MLFLOW_TRACKING_URI": "http://mlflow.example:5000", "MLFLOW_TRACKING_USERNAME": "ray",
+                  "MLFLOW_TRACKING_PASSWORD": "a-passw0rd"}  # forwarded from this shell to the job
+    env = {**token_cluster.env(), **mlflow_env}
     runtime_env = tmp_path / "runtime_env.yaml"
     runtime_env.write_text("env_vars:\n  OFFSIDE_EXPERIMENT: cluster-test\n  FROM_FILE: file\n")
     out = tmp_path / "bench"
@@ -66,7 +68,7 @@ def test_submit_wait_status_logs_list(token_cluster, tmp_path):
 
     env_vars = JobSubmissionClient(token_cluster.address, headers={"Authorization": f"Bearer {token_cluster.auth_token}"}) \
         .get_job_info(job_id).runtime_env["env_vars"]
-    assert env_vars == {"OFFSIDE_EXPERIMENT": "cluster-test", "FROM_FILE": "flag", "MLFLOW_TRACKING_URI": "http://mlflow.example:5000",
+    assert env_vars == {"OFFSIDE_EXPERIMENT": "cluster-test", "FROM_FILE": "flag", **mlflow_env,
                         "OFFSIDE_GIT_SHA": git_sha()}  # the upload has no .git; manifests read the commit from here
     assert len(git_sha()) == 40
 

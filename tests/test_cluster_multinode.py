@@ -4,16 +4,15 @@ processes with different resources, a real `mlflow server` on loopback, and the 
 that trials ran on both nodes, and that the sweep's runs are in the MLflow server."""
 
 import json
-import os
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from cluster.local import LocalCluster, _end_group, free_port
+from cluster.local import LocalCluster, _end_group
+from conftest import start_mlflow
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "tune_jobs/configs/tiny.yaml"
@@ -34,28 +33,6 @@ def tiny_benchmark(root: Path) -> tuple[Path, Path]:
     vanilla.mkdir()
     save(model, processor, vanilla)
     return data, vanilla
-
-
-def start_mlflow(root: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    log = open(root / "mlflow.log", "wb")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job-runner processes (~2 GB)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2):
-                return proc, uri
-        except OSError:
-            assert proc.poll() is None, (root / "mlflow.log").read_text()[-2000:]
-            time.sleep(1)
-    _end_group(proc)
-    raise AssertionError("mlflow server did not start")
 
 
 @pytest.mark.slow

@@ -100,7 +100,7 @@ def test_existing_sweep_name_is_refused_without_resume(tmp_path, tiny_vanilla):
         run_sweep(config)
 
 
-def test_four_trial_asha_sweep_of_deepspeed_pairs(tmp_path, tiny_vanilla, local_ray_env):
+def test_four_trial_asha_sweep_of_deepspeed_pairs(tmp_path, tiny_vanilla, local_ray_env, monkeypatch):
     data, vanilla = tiny_vanilla
     config = sweep_from_dict(sweep_dict(tmp_path, data, vanilla, train={"epochs": 3, "lr": 4e-4, "batch_size": 8}))
     result = run_sweep(config, verbose=0)
@@ -126,7 +126,12 @@ def test_four_trial_asha_sweep_of_deepspeed_pairs(tmp_path, tiny_vanilla, local_
     best = yaml.safe_load((result.sweep_dir / "best.yaml").read_text())
     assert best["objective"] == max(row["objective"] for row in result.trials)
     assert best["settings"]["train"]["lr"] == pytest.approx(best["sample"]["train.lr"])
-    model, processor = build_or_load(ModelSpec(best["model"]))
+    version = client.get_model_version_by_alias("offside-s", "best")  # the sweep registered its best model
+    assert parents[0].data.tags["registered_model"] == "models:/offside-s/1" and str(version.version) == "1"
+    assert version.run_id == parents[0].info.run_id == version.tags["parent_run"]
+    assert (version.tags["method"], float(version.tags["objective"])) == (best["settings"]["method"], best["objective"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'tune' / 'mlflow.db'}")
+    model, processor = build_or_load(ModelSpec("models:/offside-s@best"))  # scored below: the best epoch's weights
     from offside.data.loader import load_benchmark
     from offside.data.rows import materialise
 

@@ -83,6 +83,7 @@ class SweepConfig:
     max_failures: int = 2  # worker-level restarts of one trial's Train run (resumes from its checkpoint)
     trial_max_failures: int = 1  # trial-level retries by Tune
     export_best: bool = True
+    register: bool = True  # the exported best model becomes a version of registered model offside-<name>, alias best
 
 
 def load_sweep(path: str | Path, overrides: dict | None = None) -> SweepConfig:

@@ -18,12 +18,13 @@ from pathlib import Path
 import yaml
 
 from offside.config import from_dict, to_dict
-from offside.data.loader import load_benchmark
+from offside.data.loader import data_hash, load_benchmark
 from offside.data.rows import materialise
 from offside.errors import OffsideError
 from offside.eval.evaluate import evaluate
 from offside.eval.sanity import checked
 from offside.models.loading import LoraSpec, ModelSpec, build_or_load, is_model_dir, save
+from offside.registry import register
 from offside.tracking import tracking_uri
 from tune_jobs import tracking
 from tune_jobs.spec import SweepConfig, apply_sample, max_epochs, sweep_from_dict, trial_count
@@ -267,6 +268,8 @@ def _finish(config: SweepConfig, sweep_dir: Path, uri: str, parent: str, grid, s
     if config.export_best:
         export_model(best, config, sweep_dir / "best_model")
         client.set_tag(parent, "best_model", str(sweep_dir / "best_model"))
+        if config.register:
+            _register_best(config, sweep_dir / "best_model", client, parent, best)
     client.set_tag(parent, "best_checkpoint", best["checkpoint_path"])
     client.set_tag(parent, "best_trial", best["trial_id"])
     client.log_batch(parent, metrics=[tracking.Metric(f"best/{k}", float(best[k]), 0, 0) for k in
@@ -275,6 +278,15 @@ def _finish(config: SweepConfig, sweep_dir: Path, uri: str, parent: str, grid, s
         client.log_artifact(parent, str(sweep_dir / name))
     client.set_terminated(parent, "FINISHED")
     return SweepResult(sweep_dir, parent, rows, best, True)
+
+
+def _register_best(config: SweepConfig, model_dir: Path, client, parent: str, best: dict) -> None:
+    name = f"offside-{config.name}"
+    tags = {"method": best["settings"]["method"], "scenario": config.scenario, "data_hash": data_hash(config.data),
+            "objective": best["objective"], "objective_metric": config.objective.metric, "parent_run": parent,
+            "trial": best["trial_id"], "epoch": best["epoch"]}
+    version = register(model_dir, name, client, parent, tags)
+    client.set_tag(parent, "registered_model", f"models:/{name}/{version}")
 
 
 def trial_rows(grid, static: dict) -> list[dict]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -79,6 +79,10 @@ def build_or_load(spec: ModelSpec, texts: list[str] | None = None, seed: int = 0
         raise OffsideError(f"model.dtype: unknown dtype {spec.dtype!r} (valid: {', '.join(DTYPES)})")
     if not spec.name:
         raise OffsideError("model: a model name or directory is required (--model)")
+    if spec.name.startswith("models:/"):  # the MLflow Model Registry
+        from offside.registry import resolve
+
+        spec = replace(spec, name=str(resolve(spec.name)))
     device = resolve_device(spec.device)
     if spec.name == "tiny":
         if texts is None:
