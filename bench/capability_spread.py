@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 KEYS = {"forget": "forget/image/all/mcq_acc", "retain": "retain/image/all/mcq_acc",

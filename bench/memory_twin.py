@@ -24,8 +24,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,5 +1,3 @@
-from dataclasses import dataclass, field
-
 import pytest
 
 from offside.config import flatten, from_dict, load_yaml

@@ -5,7 +5,6 @@ import pytest
 from conftest import untrained_tiny_bench
 import torch
 
-from offside.data.synth import generate
 from offside.eval.evaluate import EvalSpec, evaluate
 from offside.eval.metrics import METRICS, bleu, rouge_l
 from offside.eval.scoring import generate as generate_answers
