@@ -6,33 +6,62 @@ models (LRU, `max_models_per_replica`) and answers batches of requests with dyna
 
 
 import asyncio
+import dataclasses
+import functools
 import hmac
-import time
-import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import ray
 import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve import completions
+from serve.batcher import Batcher
+from serve.chat import ChatJob
 from serve.inputs import (
-    IMAGE_ID, ApiError, AttackRequest, ChatRequest, ProbeRequest, chat_prompt, check_max_tokens, check_model,
-    check_options, check_text, decode_image,
+    IMAGE_ID, ApiError, AttackRequest, ChatRequest, ProbeRequest, chat_decoding, chat_max_tokens, chat_turns,
+    check_max_tokens, check_model, check_options, check_text, decode_image, strict_json,
 )
 from serve.runner import Job, ModelPool, runner_for
-from serve.settings import ServeSettings, load_settings, read_token, registry, replica_gpus, settings_dict
+from serve.settings import (
+    MAX_ONGOING_REQUESTS, ServeSettings, load_settings, read_token, registry, replica_gpus, replica_range, settings_dict,
+)
+
+
+class StrictJSONRequest(Request):
+    async def json(self):
+        if not hasattr(self, "_json"):
+            self._json = strict_json(await self.body())
+        return self._json
+
+
+class StrictJSONRoute(APIRoute):
+    """Routes whose JSON bodies are parsed as the standard defines JSON (no NaN or Infinity)."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def strict(request: Request):
+            return await handler(StrictJSONRequest(request.scope, request.receive))
+
+        return strict
+
 
 api = FastAPI(
     title="OFFSIDE probe",
     description="Probe and attack unlearned vision-language models. Every route but /healthz needs "
                 "`Authorization: Bearer <token>` when the server has a token.",
 )
+api.router.route_class = StrictJSONRoute
 bearer = HTTPBearer(auto_error=False)
+HEALTH_TIMEOUT_S = 5.0
 
 
 def authorised(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
@@ -90,8 +119,14 @@ async def _api_error(_request, err: ApiError):
 @api.exception_handler(RequestValidationError)
 async def _invalid(_request, err: RequestValidationError):
     first = err.errors()[0]
+    if first.get("type") == "json_invalid":
+        reason, position = first.get("ctx", {}).get("error", "invalid"), first["loc"][-1]
+        at = f" (at character {position})" if isinstance(position, int) and position >= 0 else ""
+        return _error(400, f"body: not valid JSON: {reason}{at}", "invalid_request_error")
     where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
-    return _error(400, f"{where}: {first.get('msg', 'invalid')}", "invalid_request_error")
+    message = "unknown or unsupported field (see serve/README.md)" if first.get("type") == "extra_forbidden" \
+        else first.get("msg", "invalid")
+    return _error(400, f"{where}: {message}", "invalid_request_error")
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -104,7 +139,7 @@ async def _unexpected(_request, err: Exception):
     return _error(500, f"internal error ({type(err).__name__})", "server_error")
 
 
-@serve.deployment(max_ongoing_requests=256)
+@serve.deployment(max_ongoing_requests=MAX_ONGOING_REQUESTS)
 class Probe:
     """Loads each base once per replica; adapters and full models come and go through the LRU cache."""
 
@@ -117,25 +152,27 @@ class Probe:
         # A plain function, not a bound method: Serve keeps the cache as an attribute of what it wraps.
         self.get_model = serve.multiplexed(max_num_models_per_replica=self.settings.max_models_per_replica)(self._loader())
         batch_size = self.settings.max_batch_size if self.settings.batching else 1
-        self.answer_batch.set_max_batch_size(batch_size)
-        self.answer_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+        self.batcher = Batcher(self.answer_batch, batch_size, self.settings.batch_wait_timeout_s)
         self.lock = asyncio.Lock()  # one batch uses the models at a time (loads may evict)
+        # Model work runs on this one thread, so the event loop keeps taking requests (and health checks)
+        # while a batch computes, and at most one batch computes at a time.
+        self.compute = ThreadPoolExecutor(1, thread_name_prefix="probe-compute")
         self.loads = 0
-        self.batch_sizes: list[int] = []
+
+    async def _computed(self, fn, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(self.compute, functools.partial(fn, *args, **kwargs))
 
     def _loader(self):
         async def load(model_id: str):
             self.loads += 1
-            return await asyncio.to_thread(self.pool.load, model_id)
+            return await self._computed(self.pool.load, model_id)
 
         return load
 
-    async def answer(self, job: Job) -> dict:
-        return await self.answer_batch(job)
+    async def answer(self, job: Job | ChatJob) -> dict:
+        return await self.batcher.submit(job)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def answer_batch(self, jobs: list[Job]) -> list[dict]:
-        self.batch_sizes.append(len(jobs))
+    async def answer_batch(self, jobs: list[Job | ChatJob]) -> list[dict]:
         async with self.lock:
             results: list[dict] = [{}] * len(jobs)
             names = list(dict.fromkeys(j.model for j in jobs))
@@ -146,9 +183,7 @@ class Probe:
                 chunk = set(names[start:start + capacity])
                 loaded = {name: await self.get_model(name) for name in chunk}
                 picked = [i for i, j in enumerate(jobs) if j.model in chunk]
-                # Computed on the event loop, not in a thread: a Python-heavy forward in a thread starves the
-                # loop of the GIL, requests trickle in, and batches stayed at ~2 rows under load (measured).
-                answers = self.pool.run([jobs[i] for i in picked], loaded)
+                answers = await self._computed(self.pool.run, [jobs[i] for i in picked], loaded)
                 for i, answer in zip(picked, answers):
                     results[i] = answer
             return results
@@ -159,11 +194,16 @@ class Probe:
 
         async with self.lock:
             runner, processor = runner_for(await self.get_model(model))
-            return await asyncio.to_thread(run_attacks, runner, processor, [row], names, max_new_tokens=max_new_tokens)
+            return await self._computed(run_attacks, runner, processor, [row], names, max_new_tokens=max_new_tokens)
+
+    async def ping(self) -> bool:
+        return True
 
     async def stats(self, reset: bool = False) -> dict:
         """Model loads so far, and the batch sizes since the last reset."""
-        sizes, self.batch_sizes = self.batch_sizes, ([] if reset else self.batch_sizes)
+        sizes = self.batcher.sizes
+        if reset:
+            self.batcher.sizes = []
         return {"loads": self.loads, "batches": len(sizes), "mean_batch_size": sum(sizes) / max(1, len(sizes))}
 
 
@@ -179,7 +219,7 @@ class Ingress:
         api.state.max_body_bytes = self.limits.max_body_bytes
         self._bench = None
 
-    async def _ask(self, job: Job) -> dict:
+    async def _ask(self, job: Job | ChatJob) -> dict:
         return await self.probe.options(multiplexed_model_id=job.model).answer.remote(job)
 
     def _benchmark(self):
@@ -211,14 +251,26 @@ class Ingress:
         return images[body.image_id]
 
     @api.get("/healthz")
-    async def healthz(self) -> dict:
+    async def healthz(self):
+        """ok when a probe replica answers within HEALTH_TIMEOUT_S: its event loop is free even while it
+        computes a batch (the compute has its own thread), so a slow answer means a wedged replica."""
+        try:
+            await asyncio.wait_for(self.probe.ping.remote(), HEALTH_TIMEOUT_S)
+        except Exception as err:  # noqa: BLE001 — timeout or no replica: unhealthy, said without internals
+            return JSONResponse({"status": "unavailable", "probe": type(err).__name__}, status_code=503)
         return {"status": "ok", "models": len(self.models)}
 
     @api.get("/v1/models")
     async def list_models(self, _auth=Depends(authorised)) -> dict:
-        data = [{"id": e.name, "object": "model", "owned_by": "offside", "kind": "adapter" if e.base else "full"}
-                for e in self.models.values()]
+        data = [self._card(name) for name in self.models]
         return {"object": "list", "data": data}
+
+    @api.get("/v1/models/{model_id}")
+    async def model_card(self, model_id: str, _auth=Depends(authorised)) -> dict:
+        return self._card(check_model(model_id, self.models))
+
+    def _card(self, name: str) -> dict:
+        return {"id": name, "object": "model", "owned_by": "offside", "kind": "adapter" if self.models[name].base else "full"}
 
     @api.post("/v1/probe")
     async def probe(self, body: ProbeRequest, _auth=Depends(authorised)) -> dict:
@@ -235,24 +287,20 @@ class Ingress:
                 "options": [{"text": o, "loglik": s} for o, s in zip(options, result["logliks"])]}
 
     @api.post("/v1/chat/completions")
-    async def chat(self, body: ChatRequest, _auth=Depends(authorised)) -> dict:
-        """OpenAI-compatible: one user message, text and at most one `image_url` (data URL)."""
+    async def chat(self, body: ChatRequest, _auth=Depends(authorised)):
+        """OpenAI-compatible chat completion over the whole conversation (system, user and assistant
+        turns; images in user turns); greedy unless temperature > 0; `stream` sends server-sent events."""
         model = check_model(body.model, self.models)
-        if body.stream:
-            raise ApiError(400, "stream: streaming is not supported")
-        if body.n not in (None, 1):
-            raise ApiError(400, "n: only one choice is supported")
-        question, image = chat_prompt(body.messages, self.limits)
-        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        max_tokens = check_max_tokens(requested, self.settings.max_new_tokens, self.limits)
-        result = await self._ask(Job(model, question, image, None, max_tokens))
-        usage = {"prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"]}
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": result["answer"]},
-                         "finish_reason": "length" if result["completion_tokens"] >= max_tokens else "stop"}],
-            "usage": usage | {"total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]},
-        }
+        turns = chat_turns(body.messages, self.limits)
+        decoding, n = chat_decoding(body)
+        max_tokens = chat_max_tokens(body, self.settings.max_new_tokens, self.limits)
+        # Choice i samples with seed + i: choice 0 is what n = 1 answers with the same seed.
+        jobs = [ChatJob(model, turns, max_tokens, dataclasses.replace(decoding, seed=decoding.seed + i)) for i in range(n)]
+        answers = asyncio.gather(*(self._ask(job) for job in jobs))
+        if not body.stream:
+            return completions.completion(model, await answers)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(completions.stream(model, n, answers, include_usage), media_type="text/event-stream")
 
     @api.post("/v1/attacks")
     async def attacks(self, body: AttackRequest, _auth=Depends(authorised)) -> dict:
@@ -282,6 +330,15 @@ def build(args: dict) -> serve.Application:
     settings = load_settings(args)
     plain = settings_dict(settings)
     gpus = replica_gpus(settings, ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else torch.cuda.device_count())
-    probe = Probe.options(num_replicas=settings.num_replicas,
+    probe = Probe.options(**replica_options(settings),
                           ray_actor_options={"num_cpus": settings.replica_cpus, "num_gpus": gpus})
     return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(probe.bind(plain), plain)
+
+
+def replica_options(settings: ServeSettings) -> dict:
+    """A fixed replica count, or Serve's autoscaling between min_replicas and max_replicas."""
+    low, high = replica_range(settings)
+    if low == high:
+        return {"num_replicas": settings.num_replicas}
+    return {"autoscaling_config": {"min_replicas": low, "max_replicas": high, "initial_replicas": settings.num_replicas,
+                                   "target_ongoing_requests": settings.target_ongoing_requests}}

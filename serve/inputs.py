@@ -6,18 +6,25 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
+import math
 import re
+import secrets
 import warnings
 from typing import Literal
 
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
+from serve.chat import Decoding, Turn
 from serve.settings import Limits
 
 IMAGE_FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "BMP"}
 DATA_URL = re.compile(r"data:image/[a-zA-Z0-9.+-]+;base64,", re.IGNORECASE)
 IMAGE_ID = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
+MAX_CHOICES = 8  # n
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+MAX_STOP, MAX_STOP_CHARS = 4, 200
 
 
 class ApiError(Exception):
@@ -45,37 +52,53 @@ class AttackRequest(Strict):
     attacks: list[str] | None = Field(None, description="attack names (default: all registered)")
 
 
-class ImageUrl(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+class ImageUrl(Strict):
     url: str
+    detail: Literal["auto", "low", "high"] | None = None  # accepted, ignored (images are resized to the model's size)
 
 
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class ContentPart(Strict):
     type: Literal["text", "image_url"]
     text: str | None = None
     image_url: ImageUrl | None = None
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-    role: Literal["system", "user", "assistant"]
+class Message(Strict):
+    role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart]
+    name: str | None = None  # accepted, ignored
 
 
-class ChatRequest(BaseModel):
-    """OpenAI's chat completion request; decoding is greedy (temperature and top_p are accepted and
-    ignored), one choice, no streaming."""
+class StreamOptions(Strict):
+    include_usage: bool | None = None
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+
+class ResponseFormat(Strict):
+    type: Literal["text"]
+
+
+class ChatRequest(Strict):
+    """OpenAI's chat completion request. Unknown fields are refused (400 naming the field); the
+    accepted ones are listed in serve/README.md."""
+
     model: str
     messages: list[Message]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     n: int | None = None
     stream: bool | None = None
-    temperature: float | int | None = None
-    top_p: float | int | None = None
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, description="0 (or omitted): greedy, as `offside eval`; up to 2: sampling")
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    frequency_penalty: float | None = Field(None, description="0 only")
+    presence_penalty: float | None = Field(None, description="0 only")
+    logit_bias: dict[str, float] | None = Field(None, description="empty only")
+    response_format: ResponseFormat | None = None
+    user: str | None = None  # accepted, ignored
 
 
 def check_model(name: str, registered) -> str:
@@ -140,27 +163,115 @@ def decode_image(value: str, limits: Limits, what: str = "image") -> Image.Image
         raise ApiError(400, f"{what}: not a readable image") from None
 
 
-def chat_prompt(messages: list[Message], limits: Limits) -> tuple[str, object]:
-    """The single user turn of a chat request → (question, image or None). The OFFSIDE chat layout is
-    one user turn (as in evaluation): system/assistant turns and several images are refused."""
+def chat_turns(messages: list[Message], limits: Limits) -> list[Turn]:
+    """The whole conversation → turns (system/developer/assistant: text; user: text and images). The
+    answer continues the conversation, so the last message must be the user's."""
     if not 1 <= len(messages) <= limits.max_messages:
         raise ApiError(400, f"messages: between 1 and {limits.max_messages} messages, got {len(messages)}")
-    if len(messages) != 1 or messages[0].role != "user":
-        raise ApiError(400, "messages: one user message is supported (single-turn probing, no system or assistant turns)")
-    content = messages[0].content
+    if messages[-1].role != "user":
+        raise ApiError(400, f"messages[{len(messages) - 1}]: the last message must be the user's (got {messages[-1].role})")
+    turns = [_turn(m, f"messages[{i}]", limits) for i, m in enumerate(messages)]
+    images = sum(len(t.images) for t in turns)
+    if images > limits.max_images:
+        raise ApiError(400, f"messages: {images} images, at most {limits.max_images} per request")
+    check_text("".join(t.text for t in turns), "messages text", limits.max_prompt_chars)
+    return turns
+
+
+def _turn(message: Message, where: str, limits: Limits) -> Turn:
+    content = message.content
     parts = [ContentPart(type="text", text=content)] if isinstance(content, str) else content
     texts, images = [], []
-    for i, part in enumerate(parts):
+    for j, part in enumerate(parts):
+        at = f"{where}.content[{j}]" if not isinstance(content, str) else f"{where}.content"
         if part.type == "text":
             if part.text is None:
-                raise ApiError(400, f"messages[0].content[{i}]: a text part needs 'text'")
+                raise ApiError(400, f"{at}: a text part needs 'text'")
+            if "\x00" in part.text:
+                raise ApiError(400, f"{at}: contains a NUL character")
             texts.append(part.text)
+        elif message.role != "user":
+            raise ApiError(400, f"{at}: images are accepted in user messages only")
+        elif part.image_url is None:
+            raise ApiError(400, f"{at}: an image_url part needs 'image_url.url'")
         else:
-            if part.image_url is None:
-                raise ApiError(400, f"messages[0].content[{i}]: an image_url part needs 'image_url.url'")
             images.append(part.image_url.url)
-    if len(images) > 1:
-        raise ApiError(400, "messages[0].content: at most one image per request")
-    question = check_text("\n".join(texts), "messages[0].content text", limits.max_prompt_chars)
-    image = decode_image(images[0], limits, "messages[0].content image_url") if images else None
-    return question, image
+    text = "\n".join(texts)
+    if not text.strip() and not images:
+        raise ApiError(400, f"{where}.content: must not be empty")
+    if len(images) > limits.max_images:
+        raise ApiError(400, f"{where}.content: {len(images)} images, at most {limits.max_images} per request")
+    decoded = tuple(decode_image(url, limits, f"{where}.content image_url") for url in images)
+    role = "system" if message.role == "developer" else message.role
+    return Turn(role, text, decoded)
+
+
+def chat_decoding(body: ChatRequest) -> tuple[Decoding, int]:
+    """The request's decoding settings (checked) and its number of choices."""
+    temperature = _number(body.temperature, "temperature", 0, 2, 0.0)
+    top_p = _number(body.top_p, "top_p", 0, 1, 1.0)
+    for name in ("frequency_penalty", "presence_penalty"):
+        if _number(getattr(body, name), name, -2, 2, 0.0) != 0:
+            raise ApiError(400, f"{name}: only 0 is supported")
+    if body.logit_bias:
+        raise ApiError(400, "logit_bias: not supported")
+    if body.stream_options is not None and not body.stream:
+        raise ApiError(400, "stream_options: only allowed with stream: true")
+    n = 1 if body.n is None else body.n
+    if not 1 <= n <= MAX_CHOICES:
+        raise ApiError(400, f"n: between 1 and {MAX_CHOICES}, got {n}")
+    if n > 1 and temperature == 0:
+        raise ApiError(400, "n: greedy decoding (temperature 0 or omitted) has one answer; n > 1 needs temperature > 0")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(400, "top_logprobs: needs logprobs: true")
+    if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"top_logprobs: between 0 and {MAX_TOP_LOGPROBS}, got {body.top_logprobs}")
+    top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    seed = body.seed if body.seed is not None else secrets.randbits(63)
+    if not -(2**63) <= seed < 2**64:
+        raise ApiError(400, f"seed: a 64-bit integer, got {seed}")
+    return Decoding(temperature, top_p, seed, top_logprobs, _stop(body.stop)), n
+
+
+def _number(value: float | None, name: str, low: float, high: float, default: float) -> float:
+    if value is None:
+        return default
+    if not math.isfinite(value) or not low <= value <= high:
+        raise ApiError(400, f"{name}: a number between {low} and {high}, got {value}")
+    return float(value)
+
+
+def _stop(stop: str | list[str] | None) -> tuple[str, ...]:
+    strings = [stop] if isinstance(stop, str) else (stop or [])
+    if len(strings) > MAX_STOP or any(not s or len(s) > MAX_STOP_CHARS for s in strings):
+        raise ApiError(400, f"stop: at most {MAX_STOP} non-empty strings of at most {MAX_STOP_CHARS} characters")
+    return tuple(strings)
+
+
+def chat_max_tokens(body: ChatRequest, default: int, limits: Limits) -> int:
+    """`max_completion_tokens` is OpenAI's newer name for `max_tokens`: either, or both if equal."""
+    given = {v for v in (body.max_tokens, body.max_completion_tokens) if v is not None}
+    if len(given) > 1:
+        raise ApiError(400, "max_tokens and max_completion_tokens differ: give one (they are aliases)")
+    return check_max_tokens(given.pop() if given else None, default, limits)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range for a number")
+    return value
+
+
+def strict_json(raw: bytes):
+    """JSON as the standard defines it: Python's json also reads NaN, Infinity and 1e999 (→ inf)."""
+    try:
+        return json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
+    except json.JSONDecodeError:
+        raise
+    except ValueError as err:  # from the hooks above (no position), or bytes that are not UTF-8/16/32
+        raise json.JSONDecodeError(str(err), "", -1) from None

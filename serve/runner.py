@@ -2,8 +2,8 @@
 
 Each base model is loaded once; adapters of that base are attached to one shared PEFT model and a
 batch may mix them in one forward pass (`adapter_names`, one per row). Full-weight models are their
-own group. Answers come from `offside.eval.scoring` — the code `offside eval` runs — so a probe
-answers exactly as the evaluation scores."""
+own group. Probe answers come from `offside.eval.scoring` — the code `offside eval` runs — so a probe
+answers exactly as the evaluation scores; chat jobs from `serve.chat`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch
 
 from offside.eval.scoring import generate, option_logliks
 from offside.models.loading import ModelSpec, build_or_load
+from serve.chat import ChatJob, complete
 from serve.settings import ModelEntry
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
@@ -138,7 +139,7 @@ class ModelPool:
         return ModelSpec(name=path, dtype=self.dtype, device=self.device)
 
     @torch.no_grad()
-    def run(self, jobs: list[Job], loaded: dict[str, LoadedModel]) -> list[dict]:
+    def run(self, jobs: list[Job | ChatJob], loaded: dict[str, LoadedModel]) -> list[dict]:
         """Answers in job order; `loaded` holds every job's model (kept alive by the caller)."""
         results: list[dict | None] = [None] * len(jobs)
         groups: dict[tuple, list[int]] = defaultdict(list)
@@ -147,7 +148,8 @@ class ModelPool:
             owner = id(model.base) if model.base else id(model)
             if model.base and model.adapter_name in model.base.vision_adapters:
                 owner = (owner, model.adapter_name)
-            groups[(owner, len(job.options) if job.options else 0, job.max_tokens)].append(i)
+            kind = "chat" if isinstance(job, ChatJob) else len(job.options) if job.options else 0
+            groups[(owner, kind, job.max_tokens)].append(i)
         for indices in groups.values():
             group = [jobs[i] for i in indices]
             runner, processor = _runner([loaded[j.model] for j in group])
@@ -168,14 +170,13 @@ def _runner(models: list[LoadedModel]):
     return _Mixed(first.base.peft, [m.adapter_name for m in models]), first.processor
 
 
-def _answer(runner, processor, jobs: list[Job]) -> list[dict]:
+def _answer(runner, processor, jobs: list[Job] | list[ChatJob]) -> list[dict]:
+    if isinstance(jobs[0], ChatJob):
+        return complete(runner, processor, jobs)
     if jobs[0].options:
         rows = [{"question": j.question, "image": j.image, "options": j.options} for j in jobs]
         scores = option_logliks(runner, processor, rows, batch_size=len(rows))
         return [{"logliks": s, "choice": max(range(len(s)), key=s.__getitem__)} for s in scores]
     answers = generate(runner, processor, [j.question for j in jobs], [j.image for j in jobs],
                        batch_size=len(jobs), max_new_tokens=jobs[0].max_tokens)
-    return [{"answer": a, "completion_tokens": len(processor.tokenizer(a, add_special_tokens=False)["input_ids"]),
-             "prompt_tokens": len(processor.tokenizer(processor.prompt(j.question, j.image is not None),
-                                                      add_special_tokens=False)["input_ids"])}
-            for a, j in zip(answers, jobs)]
+    return [{"answer": a} for a in answers]

@@ -8,7 +8,6 @@ adapter, which the replica loads merged). Requests name models only by their reg
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -20,6 +19,7 @@ from offside.models.loading import ADAPTER_FILE, DTYPES, adapter_base, is_model_
 
 TOKEN_ENV = "OFFSIDE_API_TOKEN"
 REPLICA_DEVICES = ("auto", "cpu", "cuda")
+MAX_ONGOING_REQUESTS = 256  # per probe replica
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 
 
@@ -33,6 +33,7 @@ class Limits:
     max_options: int = 8
     max_option_chars: int = 500
     max_messages: int = 16
+    max_images: int = 4  # per chat request, over all its messages
 
 
 @dataclass
@@ -44,7 +45,10 @@ class ServeSettings:
     batching: bool = True
     max_batch_size: int = 32
     batch_wait_timeout_s: float = 0.01
-    num_replicas: int = 1
+    num_replicas: int = 1  # the replicas at start (and always, unless max_replicas > min_replicas)
+    min_replicas: int | None = None  # autoscaling bounds; None: num_replicas
+    max_replicas: int | None = None
+    target_ongoing_requests: float = 16.0  # per replica, what autoscaling aims at (a batch fills at max_batch_size)
     replica_cpus: float = 1.0
     torch_threads: int = 1
     max_new_tokens: int = 32  # default `max_tokens` (what `offside eval` generates)
@@ -66,6 +70,7 @@ def load_settings(args: dict | None, source: str = "serve args") -> ServeSetting
         raise OffsideError(f"{source}: 'models' must register at least one model (name: directory)")
     if settings.max_models_per_replica < 1 or settings.max_batch_size < 1 or settings.num_replicas < 1:
         raise OffsideError(f"{source}: max_models_per_replica, max_batch_size and num_replicas must be ≥ 1")
+    _check_replicas(settings, source)
     if settings.token_file and not Path(settings.token_file).is_file():
         raise OffsideError(f"{source}: token_file {settings.token_file!r} does not exist")
     if settings.data and not Path(settings.data).is_dir():
@@ -77,6 +82,25 @@ def load_settings(args: dict | None, source: str = "serve args") -> ServeSetting
                            "(Ray assigns each replica its GPU, so a replica never names one)")
     registry(settings)
     return settings
+
+
+def _check_replicas(settings: ServeSettings, source: str) -> None:
+    low, high = replica_range(settings)
+    if not 0 <= low <= settings.num_replicas <= high or high < 1:
+        raise OffsideError(f"{source}: replicas need 0 ≤ min_replicas ≤ num_replicas ≤ max_replicas and max_replicas ≥ 1 "
+                           f"(num_replicas is the autoscaler's start; min and max default to it), "
+                           f"got min_replicas {low}, num_replicas {settings.num_replicas}, max_replicas {high}")
+    target = settings.target_ongoing_requests
+    if not 0 < target <= MAX_ONGOING_REQUESTS:
+        raise OffsideError(f"{source}: target_ongoing_requests must be > 0 and ≤ {MAX_ONGOING_REQUESTS} "
+                           f"(a replica's max_ongoing_requests), got {target}")
+
+
+def replica_range(settings: ServeSettings) -> tuple[int, int]:
+    """(min, max) replicas; autoscaling is on when max > min."""
+    low = settings.num_replicas if settings.min_replicas is None else settings.min_replicas
+    high = settings.num_replicas if settings.max_replicas is None else settings.max_replicas
+    return low, high
 
 
 def replica_gpus(settings: ServeSettings, cluster_gpus: float) -> int:

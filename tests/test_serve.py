@@ -208,10 +208,11 @@ def _hostile_requests():
         cases += [("POST", "/v1/probe", ok_probe | {key: value}) for value in wrong
                   if not (value is None and key in ("image", "image_id", "options", "max_tokens"))
                   and not (key in valid_int and type(value) is int)]
-    for key in ("model", "messages", "max_tokens", "stream", "n"):
+    for key in ("model", "messages", "max_tokens", "stream", "n", "temperature", "seed"):
         cases += [("POST", "/v1/chat/completions", ok_chat | {key: value}) for value in wrong
-                  if not (value is None and key in ("max_tokens", "stream", "n"))
-                  and not (key in valid_int and type(value) is int)]
+                  if not (value is None and key != "model" and key != "messages")
+                  and not (key in valid_int | {"seed", "temperature"} and type(value) is int)
+                  and not (key == "stream" and type(value) is bool) and not (key == "temperature" and value == 1.5)]
     names = ["nope", "../../etc/passwd", "/etc/passwd", str(REPO), "a1/../a2", "..", ".", "~", "C:\\models\\a1",
              "models:/a1@prod", "runs:/123/model", "file:///etc/passwd", "a1\x00", "A1", " a1", "a" * 10000, "",
              "%2e%2e%2f", "__base__", "adapter_0"]
@@ -242,13 +243,18 @@ def _hostile_requests():
     cases += [("POST", "/v1/probe", ok_probe | extra) for extra in (
         {"image_id": "../../etc/passwd"}, {"image_id": "no-such-image"}, {"image_id": ""},
         {"image_id": "x", "image": "QUJD"}, {"extra_field": 1}, {"question": None})]
-    chats = [[], [{"role": "system", "content": "hi"}, {"role": "user", "content": "q"}],
-             [{"role": "assistant", "content": "q"}], [{"role": "root", "content": "q"}], [{"role": "user"}],
+    chats = [[], [{"role": "system", "content": "hi"}, {"role": "assistant", "content": "q"}],
+             [{"role": "assistant", "content": "q"}], [{"role": "tool", "content": "q"}], [{"role": "root", "content": "q"}], [{"role": "user"}],
              [{"role": "user", "content": [{"type": "video", "text": "q"}]}],
              [{"role": "user", "content": [{"type": "text"}]}], [{"role": "user", "content": [{"type": "image_url"}]}],
              [{"role": "user", "content": "q"}] * 17, [{"role": "user", "content": 5}]]
     cases += [("POST", "/v1/chat/completions", ok_chat | {"messages": m}) for m in chats]
-    cases += [("POST", "/v1/chat/completions", ok_chat | extra) for extra in ({"stream": True}, {"n": 2})]
+    cases += [("POST", "/v1/chat/completions", ok_chat | extra) for extra in (
+        {"n": 2}, {"temperature": 2.5}, {"top_p": 2}, {"tools": []}, {"stream": True, "top_logprobs": 3},
+        {"max_tokens": 3, "max_completion_tokens": 4}, {"logprobs": True, "top_logprobs": 50}, {"stop": [""]})]
+    cases += [("POST", "/v1/chat/completions", raw) for raw in (
+        b'{"model": "a1", "messages": [{"role": "user", "content": "q"}], "temperature": NaN}',
+        b'{"model": "a1", "messages": [{"role": "user", "content": "q"}], "top_p": -Infinity}')]
     ok_attack = {"model": "a1", "item_id": "forget/image/mcq/00000"}
     cases += [("POST", "/v1/attacks", ok_attack | extra) for extra in (
         {"attacks": ["no-such-attack"]}, {"attacks": []}, {"attacks": ["none", "none"]}, {"attacks": "none"},
@@ -256,7 +262,8 @@ def _hostile_requests():
         {"model": "../a1"}, {"model": "nope"}, {"item_id": "x" * 100000})]
     cases += [("POST", "/v1/attacks", raw) for raw in raw_bodies[:8]]
     cases += [("GET", "/v1/nothing", None), ("DELETE", "/v1/probe", None), ("GET", "/v1/probe", None),
-              ("PUT", "/v1/models", None), ("GET", "/../../etc/passwd", None)]
+              ("PUT", "/v1/models", None), ("GET", "/../../etc/passwd", None), ("GET", "/v1/models/nope", None),
+              ("GET", "/v1/models/..%2F..%2Fetc", None)]
     return cases
 
 
@@ -319,6 +326,25 @@ def test_yaml_config_builds_the_app(models):
         build(app["args"] | {"models": {"a1": str(root / "missing")}, "data": str(data)})
     with pytest.raises(OffsideError, match="unknown key 'batchin'"):
         build(app["args"] | {"batchin": True})
+
+
+def test_autoscaling_settings_are_checked_and_become_the_probe_options(models):
+    from serve.app import build, replica_options
+
+    root, _ = models
+    args = {"models": {"vanilla": str(root / "base")}}
+    assert replica_options(load_settings(args)) == {"num_replicas": 1}
+    assert replica_options(load_settings(args | {"num_replicas": 2})) == {"num_replicas": 2}
+    auto = args | {"min_replicas": 0, "max_replicas": 4, "target_ongoing_requests": 8}
+    assert replica_options(load_settings(auto)) == {"autoscaling_config": {
+        "min_replicas": 0, "max_replicas": 4, "initial_replicas": 1, "target_ongoing_requests": 8.0}}
+    build(auto)
+    for bad, key in (({"min_replicas": 3, "max_replicas": 4}, "got min_replicas 3, num_replicas 1"),
+                     ({"num_replicas": 5, "max_replicas": 4}, "num_replicas 5, max_replicas 4"), ({"min_replicas": -1}, "min_replicas -1"),
+                     ({"max_replicas": "4"}, "'max_replicas' must be int"), ({"target_ongoing_requests": 0}, "target_ongoing_requests"),
+                     ({"target_ongoing_requests": 1000}, "target_ongoing_requests"), ({"max_replica": 4}, "unknown key 'max_replica'")):
+        with pytest.raises(OffsideError, match=key):
+            load_settings(args | bad)
 
 
 def test_offside_serve_command_serves_until_interrupted(models):
