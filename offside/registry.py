@@ -3,7 +3,7 @@
 `register` logs a model directory (a LoRA adapter: MBs; a full model: its weights) as the artifacts
 `model/` of an MLflow run and makes it a new version of a registered model, tagged with what made it
 and given the alias `best`. `resolve` turns `models:/NAME@ALIAS` or `models:/NAME/VERSION` back into
-a local model directory (downloaded once into a cache), against MLFLOW_TRACKING_URI with the
+a local model directory (downloaded once into a cache, OFFSIDE_REGISTRY_CACHE), against MLFLOW_TRACKING_URI with the
 credentials of MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, which MLflow's client reads.
 
 An adapter names its base by a path relative to itself, which a download does not keep: the version
@@ -67,9 +67,14 @@ def register_stage(run_dir: Path, name: str) -> str:
     return register(run_dir, name, client, manifest["mlflow_run_id"], tags)
 
 
-def resolve(uri: str, cache: Path | None = None) -> Path:
-    """The local model directory of a registry URI (downloaded on first use); a one-line OffsideError
-    naming the URI when it is malformed or names no model version."""
+def is_registry_uri(name: str) -> bool:
+    return name.startswith("models:/")
+
+
+def resolve(uri: str) -> Path:
+    """The local model directory of a registry URI (downloaded on first use into OFFSIDE_REGISTRY_CACHE,
+    default <tmp>/offside-registry); a one-line OffsideError naming the URI when it is malformed or
+    names no model version."""
     match = URI.match(uri)
     if not match:
         raise OffsideError(f"{uri}: not a model registry URI (models:/NAME@ALIAS or models:/NAME/VERSION)")
@@ -82,7 +87,8 @@ def resolve(uri: str, cache: Path | None = None) -> Path:
     except MlflowException as err:
         raise OffsideError(f"{uri}: {_first_line(err)}") from None
     store = hashlib.sha256(str(server).encode()).hexdigest()[:12]  # versions of two servers never share a copy
-    target = (cache or Path(tempfile.gettempdir()) / "offside-registry") / store / name / str(version.version)
+    cache = Path(os.environ.get("OFFSIDE_REGISTRY_CACHE") or Path(tempfile.gettempdir()) / "offside-registry")
+    target = cache / store / name / str(version.version)
     if not target.exists():
         _download(server, version, target)
     return target

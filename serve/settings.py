@@ -16,6 +16,7 @@ from pathlib import Path
 from offside.config import from_dict
 from offside.errors import OffsideError
 from offside.models.loading import ADAPTER_FILE, DTYPES, adapter_base, is_model_dir
+from offside.registry import is_registry_uri, resolve
 
 TOKEN_ENV = "OFFSIDE_API_TOKEN"
 REPLICA_DEVICES = ("auto", "cpu", "cuda")
@@ -120,14 +121,14 @@ def registry(settings: ServeSettings) -> dict[str, ModelEntry]:
 
 
 def _entry(name: str, value) -> ModelEntry:
-    where = f"models.{name}"
+    where = f"models.{name}"  # a directory, or a registry URI (models:/NAME@ALIAS, resolved to one)
     if not isinstance(name, str) or not NAME.match(name):
         raise OffsideError(f"{where}: a model name is 1–64 letters, digits, '.', '_' or '-', starting with a letter or digit")
     if isinstance(value, str):
         value = {"path": value}
     if not isinstance(value, dict) or set(value) - {"path", "base"} or not isinstance(value.get("path"), str):
         raise OffsideError(f"{where}: expected a directory or a mapping {{path: DIR, base: DIR}}")
-    path = Path(value["path"]).expanduser().resolve()
+    path = resolve(value["path"]) if is_registry_uri(value["path"]) else Path(value["path"]).expanduser().resolve()
     if (path / ADAPTER_FILE).is_file():
         try:
             base = Path(value["base"]).expanduser().resolve() if value.get("base") else Path(adapter_base(path))

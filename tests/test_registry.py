@@ -16,6 +16,7 @@ from offside.cli import main
 from offside.errors import OffsideError
 from offside.models.loading import ModelSpec, build_or_load
 from offside.registry import resolve
+from serve.settings import load_settings, registry
 
 GOLDEN = Path("tests/golden").resolve()
 
@@ -29,6 +30,7 @@ def auth_server(tmp_path, monkeypatch):
     proc, uri = start_mlflow(tmp_path / "server", auth=True)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("OFFSIDE_EXPERIMENT", "registry")
+    monkeypatch.setenv("OFFSIDE_REGISTRY_CACHE", str(tmp_path / "cache"))
     yield uri
     _end_group(proc)
 
@@ -59,15 +61,20 @@ def test_registered_adapters_resolve_by_alias_behind_basic_auth(auth_server, tmp
     assert {k: best.tags[k] for k in ("method", "scenario", "stage", "data_hash")} == \
         {"method": "ga", "scenario": "complete", "stage": "unlearn", "data_hash": manifest["data_hash"]}
 
-    resolved = resolve("models:/offside-ga@best", cache=tmp_path / "cache")
-    assert resolve("models:/offside-ga/2", cache=tmp_path / "cache") == resolved
+    resolved = resolve("models:/offside-ga@best")
+    assert resolve("models:/offside-ga/2") == resolved
     weights = {name: build_or_load(ModelSpec(str(path)))[0].state_dict() for name, path in
                [("registered", resolved), ("trained", tmp_path / "ga-2"), ("first", tmp_path / "ga-1")]}
     assert all(torch.equal(w, weights["trained"][n]) for n, w in weights["registered"].items())
     assert not all(torch.equal(w, weights["first"][n]) for n, w in weights["registered"].items())
 
+    entry = registry(load_settings({"models": {"ga": "models:/offside-ga@best"}}))["ga"]  # as `offside serve` starts
+    assert (Path(entry.path), entry.base) == (resolved, str(GOLDEN / "model"))
+
     for uri, problem in [("models:/offside-nope@best", "offside-nope"), ("models:/offside-ga@worst", "worst"),
                          ("models:/offside-ga", "not a model registry URI")]:
         with pytest.raises(OffsideError, match=problem) as err:
-            resolve(uri, cache=tmp_path / "cache")
+            resolve(uri)
         assert uri in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(OffsideError, match="models:/offside-nope@best"):
+        load_settings({"models": {"ga": "models:/offside-nope@best"}})

@@ -79,9 +79,9 @@ def build_or_load(spec: ModelSpec, texts: list[str] | None = None, seed: int = 0
         raise OffsideError(f"model.dtype: unknown dtype {spec.dtype!r} (valid: {', '.join(DTYPES)})")
     if not spec.name:
         raise OffsideError("model: a model name or directory is required (--model)")
-    if spec.name.startswith("models:/"):  # the MLflow Model Registry
-        from offside.registry import resolve
+    from offside.registry import is_registry_uri, resolve
 
+    if is_registry_uri(spec.name):
         spec = replace(spec, name=str(resolve(spec.name)))
     device = resolve_device(spec.device)
     if spec.name == "tiny":
