@@ -1,9 +1,11 @@
 """A real multi-node Ray cluster on one machine: a head and a worker started as separate `ray start`
-processes with different resources, a real `mlflow server` on loopback, and the tiny sweep
-(tune_jobs/configs/tiny.yaml) submitted with `offside submit --wait`. Checks that the job SUCCEEDED,
-that trials ran on both nodes, and that the sweep's runs are in the MLflow server."""
+processes with different resources, a real `mlflow server` on loopback running MLflow's basic-auth
+app, and the tiny sweep (tune_jobs/configs/tiny.yaml) submitted with `offside submit --wait`, the
+MLflow credentials forwarded from the submitting shell. Checks that the job SUCCEEDED, that trials
+ran on both nodes, and that the sweep's runs and its registered best model are in the server."""
 
 import json
+import os
 import subprocess
 import sys
 import urllib.request
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cluster.local import LocalCluster, _end_group
-from conftest import start_mlflow
+from conftest import MLFLOW_ADMIN, start_mlflow
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "tune_jobs/configs/tiny.yaml"
@@ -38,7 +40,8 @@ def tiny_benchmark(root: Path) -> tuple[Path, Path]:
 @pytest.mark.slow
 def test_tiny_sweep_runs_on_both_nodes_of_a_real_cluster_and_lands_in_mlflow(tmp_path):
     data, vanilla = tiny_benchmark(tmp_path)
-    mlflow_proc, mlflow_uri = start_mlflow(tmp_path)
+    mlflow_proc, mlflow_uri = start_mlflow(tmp_path, auth=True)
+    credentials = {"MLFLOW_TRACKING_USERNAME": MLFLOW_ADMIN[0], "MLFLOW_TRACKING_PASSWORD": MLFLOW_ADMIN[1]}
     cluster = LocalCluster()
     try:
         # Different resources per node: a trial is 1 driver CPU + 2 workers x 1 CPU = 3 CPUs, more than
@@ -56,7 +59,7 @@ def test_tiny_sweep_runs_on_both_nodes_of_a_real_cluster_and_lands_in_mlflow(tmp
              "--set", "name=multinode", "--set", f"storage={tmp_path / 'tune'}", "--set", f"data={data}",
              "--set", f"vanilla={vanilla}", "--set", "num_samples=2", "--set", "train.epochs=1",
              "--set", "train.zero_stage=2", "--set", f"train.deepspeed={ZERO2}", "--set", "epoch_eval.limit=8"],
-            capture_output=True, text=True, cwd=ROOT, env=cluster.env(), timeout=1500)
+            capture_output=True, text=True, cwd=ROOT, env={**cluster.env(), **credentials}, timeout=1500)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
         job_id = proc.stdout.splitlines()[0]
         assert f"job {job_id} SUCCEEDED" in proc.stdout
@@ -64,15 +67,23 @@ def test_tiny_sweep_runs_on_both_nodes_of_a_real_cluster_and_lands_in_mlflow(tmp
         trial_nodes = trial_actor_nodes(cluster, job_id)
         assert set(trial_nodes) == set(nodes), trial_nodes  # trials ran on both nodes
 
+        from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
+        with pytest.raises(MlflowException, match="401|Unauthorized|credentials"):
+            MlflowClient(mlflow_uri).search_experiments()
+        os.environ.update(credentials)
         client = MlflowClient(mlflow_uri)
         runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
         parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") in {p.info.run_id for p in parents}]
         assert len(children) >= 2, [(r.info.run_name, r.data.tags) for r in runs]
         assert all(r.data.metrics for r in children)
+        best = client.get_model_version_by_alias("offside-multinode", "best")
+        assert best.run_id in {p.info.run_id for p in parents} and best.tags["method"] == "ga"
     finally:
+        for name in credentials:
+            os.environ.pop(name, None)
         cluster.stop()
         _end_group(mlflow_proc)
 
