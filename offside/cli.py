@@ -47,7 +47,7 @@ UNLEARN_FLAGS = {"data": "data", "out": "out", "model": "model.name", "method": 
                  "forget_fraction": "forget_fraction", "epochs": "train.epochs", "lr": "train.lr", "seed": "train.seed"}
 RELEARN_FLAGS = {"data": "data", "out": "out", "model": "model.name", "epochs": "train.epochs", "lr": "train.lr", "seed": "train.seed"}
 MATRIX_FLAGS = {"data": "data", "out": "out", "model": "model", "methods": "methods", "scenarios": "scenarios",
-                "allow_untrained": "allow_untrained"}
+                "allow_untrained": "allow_untrained", "seeds": "seeds"}
 EVAL_FLAGS = {"data": "data", "out": "out", "model": "model.name", "mcq_mode": "eval.mcq_mode", "suite": "suites"}
 
 
@@ -138,7 +138,7 @@ def _stage_parser(sub, name: str, help_text: str, flags: dict[str, str], func) -
     p = sub.add_parser(name, help=help_text)
     p.add_argument("--config", help="YAML config file (flags override it)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key, e.g. train.lr=1e-4")
-    types = {"epochs": int, "lr": float, "seed": int, "forget_fraction": float, "methods": _names, "scenarios": _names, "suite": _names}
+    types = {"epochs": int, "lr": float, "seed": int, "seeds": int, "forget_fraction": float, "methods": _names, "scenarios": _names, "suite": _names}
     for flag in flags:
         name = f"--{flag.replace('_', '-')}"
         if flag in SWITCHES:  # default None, not False: an unset switch must not override the config file

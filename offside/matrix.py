@@ -24,7 +24,7 @@ from offside.eval.evaluate import EvalSpec, check
 from offside.eval.sanity import untrained, vanilla_check, warn
 from offside.models.loading import LoraSpec, ModelSpec, build_or_load
 from offside.recipes import PUBLISHED_RELEARN, PUBLISHED_UNLEARN
-from offside.report import leaderboard
+from offside.report import intervals, leaderboard
 from offside.stages import EvalConfig, UnlearnConfig, check_out, evaluate_model, unlearn
 from offside.unlearn import available, get_method
 
@@ -47,6 +47,7 @@ class MatrixConfig:
     forget_fraction: float = 1.0
     eval: EvalSpec = field(default_factory=EvalSpec)
     allow_untrained: bool = False  # run even when the vanilla model has not learned the benchmark
+    seeds: int = 1  # each cell runs with train.seed 0..seeds-1 (data order, LoRA init); rows: mean ± 95 % interval
 
     def model_spec(self, name: str, **settings) -> ModelSpec:
         return ModelSpec(name, dtype=self.dtype, device=self.device, **settings)
@@ -66,6 +67,8 @@ def validate(config: MatrixConfig) -> list[str]:
     if unknown:
         raise OffsideError(f"unknown scenario(s) {unknown} (valid: {', '.join(SCENARIOS)})")
     check(config.eval)
+    if config.seeds < 1:
+        raise OffsideError(f"seeds must be ≥ 1, got {config.seeds}")
     if not config.model:
         raise OffsideError("matrix: the vanilla model directory is required (--model)")
     return methods
@@ -110,25 +113,45 @@ def check_vanilla(config: MatrixConfig) -> dict:
 
 
 def _run_cell(config: MatrixConfig, out: Path, method: str, scenario: str, vanilla: dict, progress: bool) -> dict:
+    """One method × scenario: a run per seed; the row's metrics are their mean, with 95 % intervals
+    (over seeds, or for one seed a bootstrap over items; offside/report/intervals.py)."""
     name = f"{method}-{scenario}"
-    row: dict = {"name": name, "method": method, "scenario": scenario}
+    row: dict = {"name": name, "method": method, "scenario": scenario, "seeds": config.seeds}
     try:
-        result = unlearn(UnlearnConfig(
-            data=config.data, out=str(out / name), method=method, scenario=scenario,
-            method_args=config.method_args.get(method, {}), forget_fraction=config.forget_fraction,
-            model=config.model_spec(config.model, lora=config.lora, freeze_vision=config.freeze_vision),
-            train=train_spec(config, method), relearn=config.relearn,
-        ), progress, vanilla_check=vanilla)
-        evaluated = _evaluate(config, result.run_dir, out / f"eval-{name}", progress)
-        row.update(run_dir=str(result.run_dir), eval_dir=str(evaluated.run_dir),
-                   mlflow_run_id=evaluated.run_id, metrics=evaluated.metrics)
-        if scenario == "relearning":
-            before = _evaluate(config, result.run_dir / "unlearned", out / f"eval-{name}-unlearned", progress)
-            row["unlearned_metrics"] = before.metrics
+        runs = [_run_seed(config, out, method, scenario, vanilla, progress, seed) for seed in range(config.seeds)]
     except Exception as err:  # a failed cell is a row of the table, not the end of the matrix
         row["error"] = f"{type(err).__name__}: {err}"
         row["traceback"] = traceback.format_exc(limit=5)
+        return row
+    if config.seeds == 1:
+        (run,) = runs
+        row.update(run, intervals=intervals.over_items(_read_jsonl(Path(run["eval_dir"]) / "predictions.jsonl")))
+        return row
+    row["metrics"], row["intervals"] = intervals.over_seeds([r["metrics"] for r in runs])
+    if scenario == "relearning":
+        row["unlearned_metrics"], row["unlearned_intervals"] = intervals.over_seeds([r["unlearned_metrics"] for r in runs])
+    row["runs"] = runs
     return row
+
+
+def _run_seed(config: MatrixConfig, out: Path, method: str, scenario: str, vanilla: dict, progress: bool, seed: int) -> dict:
+    name = f"{method}-{scenario}" + (f"-seed{seed}" if config.seeds > 1 else "")
+    result = unlearn(UnlearnConfig(
+        data=config.data, out=str(out / name), method=method, scenario=scenario,
+        method_args=config.method_args.get(method, {}), forget_fraction=config.forget_fraction,
+        model=config.model_spec(config.model, lora=config.lora, freeze_vision=config.freeze_vision),
+        train=replace(train_spec(config, method), seed=seed), relearn=config.relearn,
+    ), progress, vanilla_check=vanilla)
+    evaluated = _evaluate(config, result.run_dir, out / f"eval-{name}", progress)
+    run = {"seed": seed, "run_dir": str(result.run_dir), "eval_dir": str(evaluated.run_dir),
+           "mlflow_run_id": evaluated.run_id, "metrics": evaluated.metrics}
+    if scenario == "relearning":
+        run["unlearned_metrics"] = _evaluate(config, result.run_dir / "unlearned", out / f"eval-{name}-unlearned", progress).metrics
+    return run
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
 def _evaluate(config: MatrixConfig, model_dir: Path, out: Path, progress: bool):

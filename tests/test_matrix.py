@@ -39,6 +39,28 @@ def test_matrix_rows_relearning_and_a_failed_cell(quickstart_run, tmp_path):
         assert "no trainable parameters" in failed["error"] and "metrics" not in failed
     table = (tmp_path / "m" / "leaderboard.md").read_text()
     assert "| mm_saliency-complete | mm_saliency | complete | failed: OffsideError" in table
+    # one seed: a bootstrap interval over the items (168 image questions: about ±0.07 at 0.5)
+    assert 0 < complete["intervals"]["forget/image/all/mcq_acc"] < 0.1 and "items (bootstrap)" in table
+
+
+def test_seeds_give_means_with_intervals(quickstart_run, tmp_path):
+    import math
+
+    from offside.report.intervals import t95
+
+    assert main(["matrix", "--data", str(quickstart_run[0] / "data"), "--model", str(quickstart_run[0] / "vanilla"),
+                 "--out", str(tmp_path / "m"), "--recipe", "tiny", "--methods", "ga", "--scenarios", "complete",
+                 "--seeds", "2", "--set", "eval.forms=[mcq]"]) == 0
+    (row,) = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert row["seeds"] == 2 and [r["seed"] for r in row["runs"]] == [0, 1]
+    assert [json.loads((tmp_path / "m" / f"ga-complete-seed{s}" / "manifest.json").read_text())["seed"] for s in (0, 1)] == [0, 1]
+    key = "forget/image/all/mcq_acc"
+    values = [r["metrics"][key] for r in row["runs"]]
+    assert row["metrics"][key] == pytest.approx(sum(values) / 2)
+    assert row["intervals"][key] == pytest.approx(t95(1) * abs(values[0] - values[1]) / math.sqrt(2) / math.sqrt(2))
+    first, second = (json.loads((tmp_path / "m" / f"ga-complete-seed{s}" / "metrics.json").read_text()) for s in (0, 1))
+    assert first["final/train/loss"] != second["final/train/loss"]  # another data order
+    assert f"{row['metrics'][key]:.3f} ± {row['intervals'][key]:.3f}" in (tmp_path / "m" / "leaderboard.md").read_text()
 
 
 def test_bad_matrix_requests_fail_before_training(quickstart_run, tmp_path):

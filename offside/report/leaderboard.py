@@ -30,22 +30,34 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def render(rows: list[dict]) -> str:
+    """One line per row; a value with a 95 % interval reads `mean ± half-width`, and the last column says
+    what the interval is over: seeds (their number), or the items of one run."""
     lines = [
-        "| name | method | scenario | " + " | ".join(title for title, _ in COLUMNS + BEFORE_RELEARNING) + " |",
-        "|" + "---|" * (3 + len(COLUMNS) + len(BEFORE_RELEARNING)),
+        "| name | method | scenario | " + " | ".join(title for title, _ in COLUMNS + BEFORE_RELEARNING) + " | interval over |",
+        "|" + "---|" * (4 + len(COLUMNS) + len(BEFORE_RELEARNING)),
     ]
     for row in rows:
         if row.get("error"):
-            cells = [f"failed: {row['error']}"] + [""] * (len(COLUMNS) + len(BEFORE_RELEARNING) - 1)
+            cells = [f"failed: {row['error']}"] + [""] * (len(COLUMNS) + len(BEFORE_RELEARNING))
         else:
-            cells = [_cell(row["metrics"].get(key)) for _, key in COLUMNS]
-            cells += [_cell(row.get("unlearned_metrics", {}).get(key)) for _, key in BEFORE_RELEARNING]
+            cells = [_cell(row["metrics"].get(key), row.get("intervals", {}).get(key)) for _, key in COLUMNS]
+            cells += [_cell(row.get("unlearned_metrics", {}).get(key), row.get("unlearned_intervals", {}).get(key))
+                      for _, key in BEFORE_RELEARNING]
+            cells.append(_interval_basis(row))
         lines.append(f"| {row['name']} | {row['method']} | {row['scenario']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _cell(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3f}"
+def _cell(value: float | None, half_width: float | None = None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.3f}" if half_width is None else f"{value:.3f} ± {half_width:.3f}"
+
+
+def _interval_basis(row: dict) -> str:
+    if not row.get("intervals"):
+        return "–"
+    return f"{row['seeds']} seeds" if row.get("seeds", 1) > 1 else "items (bootstrap)"
 
 
 def write(rows: list[dict], out_dir: Path) -> str:
