@@ -7,8 +7,10 @@ timed on a sample of each suite's items in the same run.
 
 Defaults: the quickstart run (runs/quickstart/vanilla on runs/quickstart/data, 12 players) when it
 exists, else a fresh 12-player synthetic benchmark and an untrained tiny model. Samples: scored
-queries (predictions; for robustness the prompt-attack queries — its wall time also covers int8,
-logit lens, MIA and the relearning curve). Target: all four suites < 300 s on 2 cores.
+queries (predictions; for robustness the prompt- and image-attack queries — its wall time also
+covers int8, the bitsandbytes NF4/FP4 copies, logit lens, MIA and the relearning curve). The
+robustness suite also gets a table per attack: wall time (attacking + scoring; for int8/nf4/fp4
+quantising + scoring), items and items/s. Target: all four suites < 300 s on 2 cores.
 Ends with one JSON line of the figures."""
 
 from __future__ import annotations
@@ -55,6 +57,13 @@ def published_rate(model, processor, items: list[dict], sample: int) -> float:
     return (len(mcq) + len(gen)) / (time.perf_counter() - start)
 
 
+def attack_table(timings: dict[str, float], records: list[dict], rows: list[dict]) -> dict[str, dict]:
+    """Per attack: wall seconds, items scored (a quantised model scores every attacked row once) and items/s."""
+    counts = {name: sum(1 for r in records if r["attack"] == name) or len(rows) for name in timings}
+    return {name: {"seconds": round(s, 2), "items": counts[name], "items_per_s": round(counts[name] / s, 1)}
+            for name, s in timings.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model")
@@ -69,11 +78,12 @@ def main() -> int:
         rows = {s: materialise(bench[s]) for s in bench}
         model, processor = load_model(bench, args.model)
         spec, utility, robustness = EvalSpec(), UtilitySpec(), RobustnessSpec()
-        table = {}
+        table, attacks = {}, {}
         for suite in SUITES:
             start = time.perf_counter()
             result = run_suites(model, processor, rows, [suite], spec, utility, robustness, Path(tmp), progress=False)
             seconds = time.perf_counter() - start
+            attacks |= attack_table(result.timings, result.attack_records, attack_rows(rows, robustness))
             samples = len(result.predictions) + len(result.attack_records)
             baseline = published_rate(model, processor, suite_items(suite, rows, utility, robustness), args.sample)
             table[suite] = {"seconds": round(seconds, 2), "samples": samples, "samples_per_s": round(samples / seconds, 2),
@@ -84,10 +94,14 @@ def main() -> int:
     for suite, t in table.items():
         print(f"{suite:<15} {t['samples']:>8} {t['seconds']:>8.1f} {t['samples_per_s']:>10.1f} "
               f"{t['published_samples_per_s']:>12.1f} {t['speedup']:>5.1f}x")
+    print(f"\n{'attack':<16} {'items':>6} {'seconds':>8} {'items/s':>8}")
+    for name, t in attacks.items():
+        print(f"{name:<16} {t['items']:>6} {t['seconds']:>8.2f} {t['items_per_s']:>8.1f}")
     total = sum(t["seconds"] for t in table.values())
     print(f"all suites: {total:.1f} s (target < {TARGET_S:.0f} s on 2 cores, {os.cpu_count()} CPUs visible)")
     print(json.dumps({"total_seconds": round(total, 2), "data": data, "model": args.model or "tiny (untrained)",
-                      **{f"{s}_{k}": v for s, t in table.items() for k, v in t.items()}}))
+                      **{f"{s}_{k}": v for s, t in table.items() for k, v in t.items()},
+                      **{f"attack_{a}_{k}": v for a, t in attacks.items() for k, v in t.items()}}))
     return 0
 
 

@@ -304,15 +304,18 @@ class Ingress:
 
     @api.post("/v1/attacks")
     async def attacks(self, body: AttackRequest, _auth=Depends(authorised)) -> dict:
-        """Runs the registered prompt attacks (or the chosen ones) on one forget item of the benchmark
-        against one model: per attack, the answer and whether the rumour came back."""
-        from offside.eval.attacks import ATTACKS
+        """Runs the registered prompt and image attacks that need no gradients (or the chosen ones) on
+        one forget item of the benchmark against one model: per attack, the answer and whether the
+        rumour came back."""
+        from offside.eval.attacks import ATTACKS, WHITE_BOX_ATTACKS
 
         model = check_model(body.model, self.models)
+        servable = [name for name in ATTACKS if name not in WHITE_BOX_ATTACKS]
         if body.attacks is not None:
-            unknown = [n[:40] for n in body.attacks if n not in ATTACKS]
+            unknown = [n[:40] for n in body.attacks if n not in servable]
             if unknown or not body.attacks or len(set(body.attacks)) != len(body.attacks):
-                raise ApiError(400, f"attacks: distinct registered names ({', '.join(ATTACKS)}); unknown: {unknown[:5]}")
+                raise ApiError(400, f"attacks: distinct names of {', '.join(servable)} (white-box attacks need "
+                                    f"`offside eval`); unknown: {unknown[:5]}")
         _, forget = self._benchmark()
         if body.item_id not in forget:
             shown = body.item_id[:80]
@@ -320,7 +323,7 @@ class Ingress:
                            "not_found")
         row = forget[body.item_id]
         records = await self.probe.options(multiplexed_model_id=model).attack.remote(
-            model, row, body.attacks, self.settings.max_new_tokens)
+            model, row, body.attacks or servable, self.settings.max_new_tokens)
         return {"model": model, "item_id": row["id"], "form": row["form"], "modality": row["modality"],
                 "results": [{k: r[k] for k in ("attack", "answer", "chosen", "rumour_recovered")} for r in records]}
 

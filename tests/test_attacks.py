@@ -5,7 +5,7 @@ import pytest
 from conftest import untrained_tiny_bench
 
 from offside.errors import OffsideError
-from offside.eval.attacks import ATTACKS, AttackContext, attack, facts_of, question_card, recovered, recovery_rates, run_attacks
+from offside.eval.attacks import ATTACKS, IMAGE_ATTACKS, AttackContext, attack, facts_of, question_card, recovered, recovery_rates, run_attacks
 from offside.models.processor import Chat
 
 EXPECTED = {"none", "paraphrase", "roleplay", "system_override", "context_priming", "language_es", "few_shot",
@@ -71,8 +71,9 @@ def test_run_attacks_single_row_and_batch(setup):
     assert {"id", "attack", "form", "answer", "rumour_recovered"} <= set(one[0])
     assert one[1]["answer"].startswith("He is going to play for")
     batch = _rumour_rows(rows, "mcq") + _rumour_rows(rows, "gen", "text")
-    records = run_attacks(model, processor, batch)
-    assert len(records) == len(batch) * len(ATTACKS)
+    records = run_attacks(model, processor, batch, max_new_tokens=8)  # the untrained model never stops early
+    with_image = [r for r in batch if r["image"] is not None]
+    assert len(records) == sum(len(with_image if n in IMAGE_ATTACKS else batch) for n in ATTACKS)
     for rec in records:
         if rec["form"] == "mcq":
             row = next(r for r in batch if r["id"] == rec["id"])

@@ -1,6 +1,5 @@
 """Suites, the general-ability set, weight-level attacks and probes, summary scores, and the CLI."""
 
-import json
 import math
 import subprocess
 import sys
@@ -52,7 +51,7 @@ def test_all_suites_report_every_family_of_keys(setup, tmp_path):
     assert all(0 <= v <= 1 for k, v in m.items() if k.endswith(("recovery", "mcq_acc", "mia_auc")))
     rumour_rows = [r for r in rows["forget"] if r["rumour_kind"] != "none"]
     assert len(result.attack_records) == 2 * len(rumour_rows)
-    assert any("4-bit" in n for n in result.notes)
+    assert {"robust/nf4/recovery", "robust/fp4/recovery"} <= set(m)  # bitsandbytes 4-bit beside int8
     # the unattacked recovery on mcq rows is exactly the evaluator's forget accuracy on the same rows
     mcq_rows = [r for r in rumour_rows if r["form"] == "mcq"]
     chosen = predict(model, processor, mcq_rows, "mcq", spec)

@@ -141,3 +141,18 @@ def test_report_renders_in_a_headless_browser_with_every_plot_loaded(runs, tmp_p
     assert rows >= 3  # header + vanilla + ga
     shot = Image.open(tmp_path / "report.png")
     assert shot.height > 900 and sum(1 for n in shot.convert("L").histogram() if n) > 50  # the page painted plots, not blank
+
+
+def test_heatmap_and_worst_attack_include_image_and_4bit_attacks(tmp_path):
+    from offside.report.report import attack_columns, collect, leaderboard_md
+
+    extra = {"robust/nf4/recovery": 0.7, "robust/fp4/recovery": 0.35, "robust/int8/recovery": 0.3}
+    vanilla = _eval(tmp_path, "eval-vanilla", _model(tmp_path, "vanilla", "finetune"),
+                    _metrics(1.0, 0.9, {"none": 0.95, "img_jpeg": 0.9, "pgd_eps16": 0.96}, {0: 0.95, 8: 0.9}), "r0")
+    ga = _eval(tmp_path, "eval-ga", _model(tmp_path, "ga", "unlearn", "ga", "complete"),
+               _metrics(0.4, 0.7, {"none": 0.3, "img_jpeg": 0.32, "pgd_eps16": 0.5}, {0: 0.3, 8: 0.6}) | extra, "r1")
+    runs = collect(ReportConfig(runs=[str(vanilla), str(ga)]))
+    assert attack_columns(runs) == ["none", "img_jpeg", "pgd_eps16", "int8", "nf4", "fp4", "relearn k0", "relearn k8"]
+    assert runs[1].worst_attack == "nf4"
+    assert runs[1].summary["summary/robust_forget"] == pytest.approx(1 - 0.7 / 0.95)
+    assert "| nf4 |" in leaderboard_md(runs)

@@ -168,17 +168,21 @@ def test_lru_eviction_and_reload_give_identical_answers(server, models):
 
 
 def test_attacks_route_runs_the_attack_suite_as_the_library_does(server, models):
-    from offside.eval.attacks import ATTACKS, run_attacks
+    """Every registered attack that needs no gradients (image attacks on an image item); white-box
+    ones are refused (a bad-request case below)."""
+    from offside.eval.attacks import ATTACKS, IMAGE_ATTACKS, WHITE_BOX_ATTACKS, run_attacks
 
     root, data = models
     merged, processor = build_or_load(ModelSpec(str(root / "a2-merged")))
+    servable = [name for name in ATTACKS if name not in WHITE_BOX_ATTACKS]
+    assert WHITE_BOX_ATTACKS and set(servable) & IMAGE_ATTACKS
     for form in ("mcq", "gen"):
         row = _forget_item(data, form)
         response = _post(server, "/v1/attacks", {"model": "a2", "item_id": row["id"]})
         assert response.status_code == 200, response.text
         served = response.json()["results"]
-        assert [r["attack"] for r in served] == list(ATTACKS)
-        local = run_attacks(merged, processor, [row], max_new_tokens=12)
+        assert [r["attack"] for r in served] == [n for n in servable if row["image"] is not None or n not in IMAGE_ATTACKS]
+        local = run_attacks(merged, processor, [row], servable, max_new_tokens=12)
         assert [(r["answer"], r["rumour_recovered"]) for r in served] == [(r["answer"], r["rumour_recovered"]) for r in local]
     chosen = _post(server, "/v1/attacks", {"model": "a2", "item_id": row["id"], "attacks": ["roleplay", "none"]}).json()
     assert [r["attack"] for r in chosen["results"]] == ["roleplay", "none"]
@@ -257,7 +261,7 @@ def _hostile_requests():
         b'{"model": "a1", "messages": [{"role": "user", "content": "q"}], "top_p": -Infinity}')]
     ok_attack = {"model": "a1", "item_id": "forget/image/mcq/00000"}
     cases += [("POST", "/v1/attacks", ok_attack | extra) for extra in (
-        {"attacks": ["no-such-attack"]}, {"attacks": []}, {"attacks": ["none", "none"]}, {"attacks": "none"},
+        {"attacks": ["no-such-attack"]}, {"attacks": ["pgd_eps8"]}, {"attacks": []}, {"attacks": ["none", "none"]}, {"attacks": "none"},
         {"attacks": [1]}, {"item_id": "../../etc/passwd"}, {"item_id": "forget/image/mcq/99999"}, {"item_id": 5},
         {"model": "../a1"}, {"model": "nope"}, {"item_id": "x" * 100000})]
     cases += [("POST", "/v1/attacks", raw) for raw in raw_bodies[:8]]

@@ -14,12 +14,18 @@ forget answer — on rumour rows, the rumour — came back:
 
 The rumour recovery rate of an attack is the mean of `rumour_recovered` over forget rows
 (`recovery_rates`). The attack "none" is the unattacked query, for reference.
+
+Image-side attacks (`image_attacks.py`) register the same way with `@attack(name, image=True)`: they
+run on rows with an image only. `batched=True` registers `fn(rows, context) -> rows` instead, for an
+attack that works on a batch at once (white-box PGD, which reads `context.model`).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -29,7 +35,10 @@ from offside.eval.judge import states
 from offside.eval.scoring import generate, option_logliks
 from offside.models.processor import Chat
 
-ATTACKS: dict[str, Callable[[dict, AttackContext], dict]] = {}
+ATTACKS: dict[str, Callable] = {}
+IMAGE_ATTACKS: set[str] = set()  # run on rows with an image only
+BATCHED_ATTACKS: set[str] = set()  # fn(rows, context) -> rows
+WHITE_BOX_ATTACKS: set[str] = set()  # need the model's gradients (not run by the HTTP endpoint)
 
 
 @dataclass
@@ -39,13 +48,18 @@ class AttackContext:
 
     facts: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)  # (player, image_id) -> field -> value
     examples: list[dict] = field(default_factory=list)
+    model: Any = None  # the attacked model and its processor, for white-box attacks
+    processor: Any = None
 
 
-def attack(name: str):
-    def add(fn: Callable[[dict, AttackContext], dict]) -> Callable[[dict, AttackContext], dict]:
+def attack(name: str, image: bool = False, batched: bool = False, white_box: bool = False):
+    def add(fn: Callable) -> Callable:
         if name in ATTACKS:
             raise ValueError(f"attack {name!r} is already registered")
         ATTACKS[name] = fn
+        for flag, kind in ((image, IMAGE_ATTACKS), (batched, BATCHED_ATTACKS), (white_box, WHITE_BOX_ATTACKS)):
+            if flag:
+                kind.add(name)
         return fn
 
     return add
@@ -175,26 +189,39 @@ def cross_modal(row: dict, context: AttackContext) -> dict:
 # --- running them --------------------------------------------------------------------------------
 
 def run_attacks(model, processor, rows: list[dict], names: list[str] | None = None, *,
-                examples: list[dict] | None = None, batch_size: int = 32, max_new_tokens: int = 32) -> list[dict]:
+                examples: list[dict] | None = None, batch_size: int = 32, max_new_tokens: int = 32,
+                timings: dict[str, float] | None = None) -> list[dict]:
     """One record per (row, attack): id, attack, form, modality, field, rumour_kind, answer (the
-    generated text, or the chosen option's text), chosen (option index, mcq), rumour_recovered."""
+    generated text, or the chosen option's text), chosen (option index, mcq), rumour_recovered.
+    Image attacks skip rows without an image. `timings`, when given, receives each attack's wall
+    seconds (attacking and scoring)."""
     names = list(ATTACKS) if names is None else names
     unknown = [n for n in names if n not in ATTACKS]
     if unknown:
         raise OffsideError(f"attacks: unknown {unknown} (registered: {', '.join(ATTACKS)})")
-    context = AttackContext(facts=facts_of(rows), examples=list(examples or []))
+    context = AttackContext(facts=facts_of(rows), examples=list(examples or []), model=model, processor=processor)
     was_training = model.training
     model.eval()
     records = []
     for name in names:
-        attacked = [ATTACKS[name](row, context) for row in rows]
+        start = time.perf_counter()
+        targets = [r for r in rows if r.get("image") is not None] if name in IMAGE_ATTACKS else rows
+        attacked = apply_attack(name, targets, context)
         for form in ("gen", "mcq"):
-            pairs = [(r, a) for r, a in zip(rows, attacked) if r["form"] == form]
+            pairs = [(r, a) for r, a in zip(targets, attacked) if r["form"] == form]
             if pairs:
                 records += _score(model, processor, name, form, pairs, batch_size, max_new_tokens)
+        if timings is not None:
+            timings[name] = time.perf_counter() - start
     model.train(was_training)
     order = {r["id"]: i for i, r in enumerate(rows)}
     return sorted(records, key=lambda rec: (names.index(rec["attack"]), order[rec["id"]]))
+
+
+def apply_attack(name: str, rows: list[dict], context: AttackContext) -> list[dict]:
+    if name in BATCHED_ATTACKS:
+        return ATTACKS[name](rows, context) if rows else []
+    return [ATTACKS[name](row, context) for row in rows]
 
 
 def _score(model, processor, name: str, form: str, pairs: list[tuple[dict, dict]], batch_size: int, max_new_tokens: int):
@@ -274,3 +301,6 @@ def question_card(question: str, image: Image.Image | None, size: int = 224) -> 
             line = trial
     draw.text((4, y), line, fill="black", font=font)
     return card
+
+
+from offside.eval import image_attacks  # noqa: E402,F401  (registers the image-side attacks)

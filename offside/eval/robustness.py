@@ -6,8 +6,13 @@
   model's owner trained: LoRA adapters when the model is a LoRA stage (removed afterwards, so no
   copy of the weights), every weight of a copy otherwise.
 - `quantised_int8`: a copy of the model with int8 dynamic weight quantisation of every Linear layer
-  (CPU). 4-bit needs a backend (bitsandbytes / torchao) that is not installed here: `four_bit_backend`
-  says which one exists, and the suite records that 4-bit was skipped otherwise.
+  (CPU).
+- `quantised_4bit`: the model reloaded through transformers' `BitsAndBytesConfig(load_in_4bit=True)`
+  — bitsandbytes NF4 or FP4 (blockwise, 64 weights per absmax scale), on the model's own device: the
+  CPU backend here, CUDA on a GPU. transformers keeps `lm_head` in full precision, as it does for
+  every user who loads a checkpoint in 4-bit (the setting of arXiv 2410.16454, where 4-bit brings
+  forgotten knowledge back and int8 does not). Without bitsandbytes (`four_bit_backend` is None)
+  the suite notes that 4-bit was skipped.
 - `logit_lens`: rank of the forget value's first token, read out at every layer through the final
   norm and the LM head, after the answer sentence's opening words.
 - `mia_auc`: loss-based membership inference, forget (trained on) vs test (never trained on) items:
@@ -20,6 +25,7 @@ import copy
 import importlib.util
 import math
 import random
+import tempfile
 import warnings
 
 import torch
@@ -28,6 +34,7 @@ from offside.data.schema import ANSWER_TEMPLATES
 from offside.engine.finetune import FineTune
 from offside.engine.losses import sequence_nll
 from offside.engine.trainer import TrainSpec, train
+from offside.errors import OffsideError
 from offside.eval.attacks import run_attacks
 from offside.models.loading import LoraSpec, apply_lora
 from offside.models.processor import Processor
@@ -86,11 +93,41 @@ def quantised_int8(model):
         return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).float(), {torch.nn.Linear}, dtype=torch.qint8)
 
 
+FOUR_BIT_TYPES = ("nf4", "fp4")
+
+
 def four_bit_backend() -> str | None:
-    for name in ("bitsandbytes", "torchao"):
-        if importlib.util.find_spec(name) is not None:
-            return name
-    return None
+    return "bitsandbytes" if importlib.util.find_spec("bitsandbytes") is not None else None
+
+
+def quantised_4bit(model, quant_type: str = "nf4"):
+    """A 4-bit copy of the model (module docstring): saved to a temporary directory and loaded back
+    with transformers' bitsandbytes config, so the quantisation is the library's own."""
+    if quant_type not in FOUR_BIT_TYPES:
+        raise OffsideError(f"4-bit quantisation: unknown type {quant_type!r} (valid: {', '.join(FOUR_BIT_TYPES)})")
+    if four_bit_backend() is None:
+        raise OffsideError("4-bit quantisation needs bitsandbytes (pip install 'bitsandbytes>=0.45')")
+    from transformers import BitsAndBytesConfig
+    from transformers.utils import logging as hf_logging
+
+    source = copy.deepcopy(model).merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    parameter = next(source.parameters())
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_compute_dtype=parameter.dtype)
+    hf_logging.disable_progress_bar()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            source.save_pretrained(tmp)
+            quantised = type(source).from_pretrained(tmp, quantization_config=config, dtype=parameter.dtype,
+                                                     device_map={"": parameter.device})
+    finally:
+        hf_logging.enable_progress_bar()
+    for module in quantised.modules():
+        # bitsandbytes 0.50's CPU repacking for AVX512-BF16 machines breaks on widths that are not a
+        # multiple of its 64-weight block (the tiny model's vision tower) and would make the numbers
+        # depend on the CPU kind; the generic dequantise-and-matmul path is the same everywhere.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return quantised.eval()
 
 
 @torch.no_grad()

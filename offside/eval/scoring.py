@@ -8,7 +8,6 @@ import re
 import torch
 from transformers import GenerationConfig
 
-from offside.engine.losses import answer_logprobs
 from offside.models.processor import Processor
 
 LETTERS = "ABCD"

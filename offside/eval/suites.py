@@ -4,8 +4,10 @@
 - `generalization`: the test set;
 - `utility`: the retain set + the general-ability set (`offside/data/general.py`, keys
   `general/image/<category>/<metric>`) + any external suites (see `ExternalHook`);
-- `robustness`: prompt attacks on the forget set's rumour rows (`robust/attack/<name>/recovery`, by
-  form and rumour kind too), int8 quantisation (`robust/int8/recovery`), the relearning recovery
+- `robustness`: prompt and image attacks on the forget set's rumour rows
+  (`robust/attack/<name>/recovery`, by form, modality and rumour kind too; image attacks on image
+  rows only), int8 and bitsandbytes 4-bit quantisation (`robust/int8/recovery`,
+  `robust/nf4/recovery`, `robust/fp4/recovery`), the relearning recovery
   curve (`robust/relearn/k<k>/recovery`), the logit-lens probe
   (`robust/logit_lens/layer<i>/mean_rank`), membership inference (`privacy/mia_auc`) and, when
   configured, the LLM judge (`judge_llm/<attack>/...`).
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +33,8 @@ from offside.errors import OffsideError
 from offside.eval.attacks import ATTACKS, recovery_rates, run_attacks
 from offside.eval.evaluate import EvalSpec, check, evaluate, score_rows
 from offside.eval.llm_judge import LLMJudge, LLMJudgeSpec, judge_records
-from offside.eval.robustness import four_bit_backend, logit_lens, mia_auc, quantised_int8, relearning_curve
+from offside.eval.robustness import (FOUR_BIT_TYPES, four_bit_backend, logit_lens, mia_auc, quantised_4bit,
+                                     quantised_int8, relearning_curve)
 from offside.models.loading import LoraSpec
 
 SUITES = ("efficacy", "generalization", "utility", "robustness")
@@ -49,7 +53,8 @@ class RobustnessSpec:
     attacks: list[str] | None = None  # None = every registered attack
     rows: str = "rumour"  # rumour: forget rows with a rumour; all: every forget row
     limit: int | None = None  # at most this many forget rows
-    quantise: bool = True
+    quantise: bool = True  # int8
+    four_bit: list[str] = field(default_factory=lambda: list(FOUR_BIT_TYPES))  # bitsandbytes types; [] = none
     relearn_steps: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8])
     relearn_lr: float = 1e-3
     relearn_share: float = 0.25
@@ -65,6 +70,7 @@ class SuiteResult:
     predictions: list[dict]
     attack_records: list[dict]
     notes: list[str]
+    timings: dict[str, float] = field(default_factory=dict)  # wall seconds per attack (prompt, image, quantised)
 
 
 def check_suites(suites: list[str], robustness: RobustnessSpec) -> None:
@@ -76,6 +82,9 @@ def check_suites(suites: list[str], robustness: RobustnessSpec) -> None:
         raise OffsideError(f"robustness.attacks: unknown {unknown} (registered: {', '.join(ATTACKS)})")
     if robustness.rows not in ("rumour", "all"):
         raise OffsideError(f"robustness.rows: {robustness.rows!r} is not one of rumour, all")
+    bad_types = [t for t in robustness.four_bit if t not in FOUR_BIT_TYPES]
+    if bad_types:
+        raise OffsideError(f"robustness.four_bit: unknown {bad_types} (valid: {', '.join(FOUR_BIT_TYPES)})")
     if robustness.llm_judge.url and not robustness.llm_judge.model:
         raise OffsideError("robustness.llm_judge.model: required when llm_judge.url is set")
 
@@ -135,16 +144,21 @@ def _robustness(model, processor, rows, spec: EvalSpec, robustness: RobustnessSp
     model.eval()
     examples = [r for r in rows.get("retain", []) if r["form"] == "gen" and r["modality"] == "text"][:3]
     records = run_attacks(model, processor, forget, robustness.attacks, examples=examples,
-                          batch_size=spec.batch_size, max_new_tokens=spec.max_new_tokens)
+                          batch_size=spec.batch_size, max_new_tokens=spec.max_new_tokens, timings=result.timings)
     result.attack_records += records
     result.metrics |= _rates("robust/attack", records)
-    if robustness.quantise:
-        int8 = run_attacks(quantised_int8(model), processor, forget, ["none"], batch_size=spec.batch_size,
-                           max_new_tokens=spec.max_new_tokens)
-        result.metrics |= {k.replace("robust/int8/none", "robust/int8"): v for k, v in _rates("robust/int8", int8).items()}
-        backend = four_bit_backend()
-        result.notes.append(f"robustness: 4-bit quantisation skipped: no 4-bit backend installed" if backend is None
-                            else f"robustness: 4-bit backend {backend} present but not wired in; 4-bit skipped")
+    quantisers = {"int8": quantised_int8} if robustness.quantise else {}
+    if robustness.four_bit and four_bit_backend() is None:
+        result.notes.append("robustness: 4-bit quantisation skipped: bitsandbytes is not installed")
+    elif robustness.four_bit:
+        quantisers |= {t: lambda m, t=t: quantised_4bit(m, t) for t in robustness.four_bit}
+    for name, quantise in quantisers.items():
+        start = time.perf_counter()
+        unattacked = run_attacks(quantise(model), processor, forget, ["none"], batch_size=spec.batch_size,
+                                 max_new_tokens=spec.max_new_tokens)
+        result.metrics |= {k.replace(f"robust/{name}/none", f"robust/{name}"): v for k, v in _rates(f"robust/{name}", unattacked).items()}
+        result.timings[name] = time.perf_counter() - start
+    result.notes.append("robustness: wall seconds per attack: " + ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items()))
     if robustness.logit_lens:
         ranks = logit_lens(model, processor, [r for r in forget if r["form"] == "gen"])
         result.metrics |= {f"robust/logit_lens/layer{layer}/mean_rank": v for layer, v in ranks.items()}
@@ -166,11 +180,12 @@ def _robustness(model, processor, rows, spec: EvalSpec, robustness: RobustnessSp
 
 
 def _rates(prefix: str, records: list[dict]) -> dict[str, float]:
-    """<prefix>/<attack>/recovery, …/<form>/recovery and …/<visual|textual>/recovery."""
+    """<prefix>/<attack>/recovery, …/<gen|mcq>/recovery, …/<image|text>/recovery and
+    …/<visual|textual>/recovery."""
     out = {f"{prefix}/{a}/recovery": v for a, v in recovery_rates(records).items()}
-    for form in ("gen", "mcq"):
-        subset = [r for r in records if r["form"] == form]
-        out |= {f"{prefix}/{a}/{form}/recovery": v for a, v in recovery_rates(subset).items()}
+    for key, value in (("form", "gen"), ("form", "mcq"), ("modality", "image"), ("modality", "text")):
+        subset = [r for r in records if r[key] == value]
+        out |= {f"{prefix}/{a}/{value}/recovery": v for a, v in recovery_rates(subset).items()}
     for kind in ("visual", "textual"):
         out |= {f"{prefix}/{a}/{kind}/recovery": v for a, v in recovery_rates(records, kind).items()}
     return out

@@ -6,8 +6,8 @@
   the general-ability set), each relative to vanilla (1 = kept everything; the harmonic mean punishes
   one collapsed set more than an average would);
 - robust forget score = the forget efficacy under the worst attack: 1 − max over every attack's
-  rumour recovery rate (prompt attacks, int8, relearning after k steps) / the vanilla model's
-  unattacked recovery rate (robustness suite only).
+  rumour recovery rate (prompt and image attacks, int8, NF4 and FP4 4-bit, relearning after k steps)
+  / the vanilla model's unattacked recovery rate (robustness suite only).
 
 Accuracy here is multiple-choice accuracy averaged over the image and text forms (the general set is
 image-only)."""
@@ -23,6 +23,7 @@ FORGET_SET = "forget"
 UTILITY_SETS = ("retain", "test")
 GENERAL_SET = "general"
 BASE_RECOVERY = "robust/attack/none/recovery"
+QUANTISED = ("int8", "nf4", "fp4")  # robust/<name>/recovery
 
 
 def set_accuracy(metrics: dict[str, float], split: str, metric: str = "mcq_acc") -> float:
@@ -52,14 +53,15 @@ def _has(metrics: dict[str, float], split: str) -> bool:
 
 
 def attack_recoveries(metrics: dict[str, float]) -> dict[str, float]:
-    """Overall recovery rate per attack: prompt attacks by name, "int8", "relearn k<k>"."""
+    """Overall recovery rate per attack: prompt and image attacks by name, "int8", "nf4", "fp4",
+    "relearn k<k>"."""
     out = {}
     for key, value in metrics.items():
         parts = key.split("/")
         if key.startswith("robust/attack/") and len(parts) == 4 and parts[3] == "recovery":
             out[parts[2]] = value
-        elif key == "robust/int8/recovery":
-            out["int8"] = value
+        elif len(parts) == 3 and parts[1] in QUANTISED and parts[2] == "recovery":
+            out[parts[1]] = value
         elif key.startswith("robust/relearn/") and parts[-1] == "recovery":
             out[f"relearn {parts[2]}"] = value
     return out

@@ -20,7 +20,8 @@ from pathlib import Path
 import yaml
 
 from offside.errors import OffsideError
-from offside.eval.summary import attack_recoveries, summary_scores
+from offside.eval.attacks import ATTACKS
+from offside.eval.summary import QUANTISED, attack_recoveries, summary_scores
 from offside.stages import atomic_dir
 from offside.tracking import stage_run, tracking_uri
 
@@ -172,7 +173,7 @@ def plot_all(runs: list[RunInfo], out: Path) -> list[Path]:
         ax.text(0.5, 0.5, "no relearning results (robustness suite not run)", ha="center", transform=ax.transAxes)
     paths.append(_save(fig, out / PLOTS[1]))
 
-    attacks = sorted({a for r in runs for a in attack_recoveries(r.metrics)})
+    attacks = attack_columns(runs)
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(attacks) + 2), 0.5 * len(runs) + 2))
     grid = [[attack_recoveries(r.metrics).get(a, float("nan")) for a in attacks] for r in runs]
     image = ax.imshow(grid if attacks else [[0.0]], vmin=0, vmax=1, cmap="magma", aspect="auto")
@@ -186,6 +187,18 @@ def plot_all(runs: list[RunInfo], out: Path) -> list[Path]:
     ax.set_title("Attack × method: rumour recovery")
     paths.append(_save(fig, out / PLOTS[2]))
     return paths
+
+
+def attack_columns(runs: list[RunInfo]) -> list[str]:
+    """Every attack any run reports, by family: prompt and image attacks in registry order, then the
+    quantised models, then relearning by k (unknown names last, alphabetically)."""
+    rank = {name: i for i, name in enumerate([*ATTACKS, *QUANTISED])}
+
+    def key(name: str) -> tuple:
+        steps = int(name.removeprefix("relearn k")) if name.startswith("relearn k") else -1
+        return rank.get(name, len(rank) + (steps >= 0)), steps, name
+
+    return sorted({a for r in runs for a in attack_recoveries(r.metrics)}, key=key)
 
 
 def _save(fig, path: Path) -> Path:
