@@ -8,6 +8,7 @@ optimizer steps, inside the narrow window where forgetting shows before everythi
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, replace
 
 from offside.engine.trainer import TrainSpec
@@ -41,11 +42,25 @@ RECIPES = {
 }
 
 
-def finetune_recipe(model: str) -> dict:
+# The tiny vanilla model learns each question in 3 wordings (offside/data/phrasings.py) for a third of
+# the epochs, at the same cost: measured on the quickstart benchmark, forget/retain/test 0.94/0.99/0.71
+# against 0.98/0.99/0.73 with the canonical wording alone (within the spread of a seed), and a rewording
+# attack then tests what the model learned, not whether it has ever seen another wording.
+TINY_PHRASINGS = 3
+
+
+def tiny_vanilla(phrasings: int = TINY_PHRASINGS, seed: int = 0) -> TrainSpec:
+    """TINY_VANILLA for a fine-tune whose questions come in `phrasings` wordings (each epoch that many
+    times longer): its epochs divided by them, so the optimizer takes about as many steps."""
+    return replace(TINY_VANILLA, epochs=math.ceil(TINY_VANILLA.epochs / phrasings), seed=seed)
+
+
+def finetune_recipe(model: str, phrasings: int = TINY_PHRASINGS) -> dict:
     """Config keys a fine-tune of `model` starts from: the tiny model is trained from scratch and
     learns nothing in FinetuneConfig's published 3 epochs at lr 5e-5 (train loss 3.7 on the quickstart
-    benchmark), so it gets TINY_VANILLA; a real checkpoint keeps the published defaults."""
-    return {"train": asdict(TINY_VANILLA)} if model == "tiny" else {}
+    benchmark), so it gets the tiny recipe for its phrasings; a real checkpoint keeps the published
+    defaults (its data as given: one wording)."""
+    return {"phrasings": phrasings, "train": asdict(tiny_vanilla(phrasings))} if model == "tiny" else {}
 
 
 def recipe_config(name: str) -> dict:

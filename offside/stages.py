@@ -23,6 +23,7 @@ import yaml
 from offside import __version__
 from offside.config import to_dict
 from offside.data.loader import data_hash, load_benchmark
+from offside.data.phrasings import check_phrasings, with_phrasings
 from offside.data.rows import materialise
 from offside.data.scenarios import forget_share, select
 from offside.data.schema import MODALITIES
@@ -31,7 +32,7 @@ from offside.engine.trainer import TrainSpec, ensure_distributed, from_main_rank
 from offside.errors import OffsideError
 from offside.eval.evaluate import EvalSpec, check, evaluate
 from offside.eval.sanity import checked
-from offside.eval.suites import RobustnessSpec, UtilitySpec, check_suites, run_suites
+from offside.eval.suites import CHEAP_SUITES, RobustnessSpec, UtilitySpec, check_suites, run_suites
 from offside.models.loading import ModelSpec, adapter_lora, build_or_load, gathered_for_save, resolve_device, save
 from offside.provenance import git_sha, model_provenance
 from offside.recipes import PUBLISHED_RELEARN
@@ -50,6 +51,8 @@ class FinetuneConfig:
     split: str = "retain+forget"  # the vanilla model; "retain" makes the retain-only reference model
     modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
     epoch_eval: EvalSpec | None = None  # evaluate at every epoch end (logged to MLflow)
+    # each training question in this many wordings: the canonical one + drawn others (offside/data/phrasings.py)
+    phrasings: int = 1
 
 
 @dataclass
@@ -88,7 +91,7 @@ class EvalConfig:
     model: ModelSpec = field(default_factory=lambda: ModelSpec(name=""))
     eval: EvalSpec = field(default_factory=EvalSpec)
     # `offside eval` runs all four (offside/eval/suites.py); robustness (attacks, relearning) is opt-in here
-    suites: list[str] = field(default_factory=lambda: ["efficacy", "generalization", "utility"])
+    suites: list[str] = field(default_factory=lambda: list(CHEAP_SUITES))
     utility: UtilitySpec = field(default_factory=UtilitySpec)
     robustness: RobustnessSpec = field(default_factory=RobustnessSpec)
 
@@ -104,11 +107,12 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> StageResult:
     check_out(config.out)
     if config.split not in FINETUNE_SPLITS:
         raise OffsideError(f"split: unknown {config.split!r} (valid: {', '.join(FINETUNE_SPLITS)})")
+    check_phrasings(config.phrasings)
     bench = load_benchmark(config.data)
     rows = [r for split in FINETUNE_SPLITS[config.split] for r in materialise(bench[split])]
+    streams = {"train": with_phrasings(training_rows(rows, config.modalities), config.phrasings, config.train.seed)}
     texts = [t for split in bench.values() for column in ("question", "answer") for t in split[column]]
-    model, processor = build_or_load(config.model, texts, seed=config.train.seed)
-    streams = {"train": training_rows(rows, config.modalities)}
+    model, processor = build_or_load(config.model, texts + [r["question"] for r in streams["train"]], seed=config.train.seed)
     manifest: dict = {}
 
     def body(out: Path, run: Run) -> dict[str, float]:

@@ -63,7 +63,7 @@ def test_unlearn_then_eval_through_cli(data, vanilla, capsys):
 
 
 def test_finetune_of_tiny_starts_from_the_tiny_recipe(tmp_path, data, monkeypatch):
-    """`--model tiny` (the default model) trains with TINY_VANILLA where the user set nothing; flags,
+    """`--model tiny` (the default model) trains with the tiny recipe where the user set nothing; flags,
     --config and --set win over it; a real checkpoint keeps the published defaults. Configs only: the
     stage itself is replaced."""
     import offside.stages
@@ -79,7 +79,10 @@ def test_finetune_of_tiny_starts_from_the_tiny_recipe(tmp_path, data, monkeypatc
     assert main(stage) == 0
     assert main(stage + ["--model", "tiny", "--epochs", "2", "--config", str(file), "--set", "train.seed=3"]) == 0
     assert main(stage + ["--model", "some/checkpoint"]) == 0
-    assert [c.train for c in seen] == [TINY_VANILLA, TINY_VANILLA, replace(TINY_VANILLA, epochs=2, batch_size=4, seed=3), TrainSpec()]
+    assert main(stage + ["--phrasings", "1"]) == 0  # the canonical wording alone: the full 40 epochs
+    tiny = replace(TINY_VANILLA, epochs=14)  # 3 wordings per question, a third of the epochs
+    assert [c.train for c in seen] == [tiny, tiny, replace(tiny, epochs=2, batch_size=4, seed=3), TrainSpec(), TINY_VANILLA]
+    assert [c.phrasings for c in seen] == [3, 3, 3, 1, 1]
 
 
 def test_unknown_config_key(tmp_path, data, capsys):

@@ -259,3 +259,37 @@ def test_hub_offline_error(tmp_path):
     with pytest.raises(OffsideError, match="HF_HUB_OFFLINE"):
         import_from_hub("someone/offside", tmp_path / "hub")
     assert not (tmp_path / "hub").exists()
+
+
+def test_phrasings_reword_every_question_and_hold_the_attack_wordings_out(full_ds):
+    from offside.data.phrasings import MAX_PHRASINGS, TRAINING_PHRASINGS, subject_of, with_phrasings
+    from offside.eval.attacks import PARAPHRASES
+
+    for field, wordings in TRAINING_PHRASINGS.items():  # held out: the paraphrase attack's wording
+        assert PARAPHRASES[field].format(subject="X") not in {w.format(subject="X") for w in wordings}, field
+        assert QUESTION_TEMPLATES[field] not in wordings and len(set(wordings)) == len(wordings) == MAX_PHRASINGS - 1
+    rows = [r for split in ("forget", "retain") for r in full_ds[split].remove_columns("image") if r["form"] == "gen"]
+    assert all(subject_of(r) for r in rows)  # every synthetic question follows a template
+    text = next(r for r in rows if r["modality"] == "text" and r["field"] == "transfer_fee")
+    assert subject_of(text) == f"{text['player']} in his 2024 transfer"
+    image = next(r for r in rows if r["modality"] == "image" and r["field"] == "name")
+    assert subject_of(image) == "the player in the image"
+
+    tripled = with_phrasings(rows, 3, seed=0)
+    assert len(tripled) == 3 * len(rows) and tripled[0] is rows[0]
+    by_row = defaultdict(list)
+    for r in tripled:
+        by_row[r["id"].split("/p")[0]].append(r)
+    for original, *others in list(by_row.values())[:200]:
+        assert len({r["question"] for r in [original, *others]}) == 3  # three different wordings
+        for other in others:
+            assert {k: v for k, v in other.items() if k not in ("id", "question")} == \
+                {k: v for k, v in original.items() if k not in ("id", "question")}  # same answer, same image
+            assert subject_of(original) in other["question"]
+    assert with_phrasings(rows, 3, seed=0) == tripled  # drawn from the seed
+    assert with_phrasings(rows, 3, seed=1) != tripled
+    assert with_phrasings(rows, 1, seed=0) == rows
+    odd = {**rows[0], "question": "Who might this be, then?"}  # an imported wording matches no template
+    assert with_phrasings([odd], 4, seed=0) == [odd]
+    with pytest.raises(OffsideError, match="phrasings: must be between 1"):
+        with_phrasings(rows, MAX_PHRASINGS + 1, seed=0)
