@@ -1,5 +1,6 @@
 """`offside matrix`: every method × scenario from one vanilla model, each unlearned with its defaults,
-evaluated, and written to DIR/leaderboard.md + DIR/results.json as rows finish. A failed row is
+evaluated, and written to DIR/leaderboard.md + DIR/results.json as rows finish (the vanilla model's own
+evaluation is the first row, and the reference of each cell's rumour survival). A failed row is
 reported with its error, never dropped. Relearning rows also carry the metrics of the unlearned model
 before relearning (`unlearned_metrics`), so resurfacing rumours show as numbers.
 
@@ -22,9 +23,11 @@ from offside.engine.trainer import TrainSpec
 from offside.errors import OffsideError
 from offside.eval.evaluate import EvalSpec, check
 from offside.eval.sanity import untrained, vanilla_check, warn
+from offside.eval.suites import CHEAP_SUITES, RobustnessSpec, check_suites
+from offside.eval.summary import rumour_survival
 from offside.models.loading import LoraSpec, ModelSpec, build_or_load
 from offside.recipes import PUBLISHED_RELEARN, PUBLISHED_UNLEARN
-from offside.report import intervals, leaderboard
+from offside.report import leaderboard
 from offside.stages import EvalConfig, UnlearnConfig, check_out, evaluate_model, unlearn
 from offside.unlearn import available, get_method
 
@@ -47,10 +50,18 @@ class MatrixConfig:
     forget_fraction: float = 1.0
     eval: EvalSpec = field(default_factory=EvalSpec)
     allow_untrained: bool = False  # run even when the vanilla model has not learned the benchmark
+    suites: list[str] = field(default_factory=lambda: list(CHEAP_SUITES))  # every cell's (and vanilla's) evaluation
+    robustness: RobustnessSpec = field(default_factory=RobustnessSpec)
     seeds: int = 1  # each cell runs with train.seed 0..seeds-1 (data order, LoRA init); rows: mean ± 95 % interval
 
     def model_spec(self, name: str, **settings) -> ModelSpec:
         return ModelSpec(name, dtype=self.dtype, device=self.device, **settings)
+
+
+@dataclass
+class Vanilla:
+    check: dict  # offside/eval/sanity.py's verdict
+    metrics: dict[str, float]  # its evaluation, the reference of relative scores (rumour survival)
 
 
 def validate(config: MatrixConfig) -> list[str]:
@@ -67,6 +78,7 @@ def validate(config: MatrixConfig) -> list[str]:
     if unknown:
         raise OffsideError(f"unknown scenario(s) {unknown} (valid: {', '.join(SCENARIOS)})")
     check(config.eval)
+    check_suites(config.suites, config.robustness)
     if config.seeds < 1:
         raise OffsideError(f"seeds must be ≥ 1, got {config.seeds}")
     if not config.model:
@@ -83,10 +95,14 @@ def train_spec(config: MatrixConfig, method: str) -> TrainSpec:
 def run_matrix(config: MatrixConfig, progress: bool = True) -> list[dict]:
     methods = validate(config)
     out = check_out(config.out)
-    vanilla = check_vanilla(config)
+    checked = check_vanilla(config)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "vanilla_check.json").write_text(json.dumps(vanilla, indent=2) + "\n")
-    rows: list[dict] = []
+    (out / "vanilla_check.json").write_text(json.dumps(checked, indent=2) + "\n")
+    evaluated = _evaluate(config, Path(config.model), out / "eval-vanilla", progress)
+    vanilla = Vanilla(checked, evaluated.metrics)
+    rows = [leaderboard.with_runs({"name": "vanilla", "method": "none", "scenario": "none", "seeds": 1}, [{
+        "run_dir": str(Path(config.model).resolve()), "eval_dir": str(evaluated.run_dir),
+        "mlflow_run_id": evaluated.run_id, "metrics": _with_survival(evaluated.metrics, vanilla)}])]
     for method in methods:
         for scenario in config.scenarios:
             started = time.time()
@@ -112,47 +128,40 @@ def check_vanilla(config: MatrixConfig) -> dict:
     return result
 
 
-def _run_cell(config: MatrixConfig, out: Path, method: str, scenario: str, vanilla: dict, progress: bool) -> dict:
+def _run_cell(config: MatrixConfig, out: Path, method: str, scenario: str, vanilla: Vanilla, progress: bool) -> dict:
     """One method × scenario: a run per seed; the row's metrics are their mean, with 95 % intervals
     (over seeds, or for one seed a bootstrap over items; offside/report/intervals.py)."""
-    name = f"{method}-{scenario}"
-    row: dict = {"name": name, "method": method, "scenario": scenario, "seeds": config.seeds}
+    row: dict = {"name": f"{method}-{scenario}", "method": method, "scenario": scenario, "seeds": config.seeds}
     try:
         runs = [_run_seed(config, out, method, scenario, vanilla, progress, seed) for seed in range(config.seeds)]
     except Exception as err:  # a failed cell is a row of the table, not the end of the matrix
         row["error"] = f"{type(err).__name__}: {err}"
         row["traceback"] = traceback.format_exc(limit=5)
         return row
-    if config.seeds == 1:
-        (run,) = runs
-        row.update(run, intervals=intervals.over_items(_read_jsonl(Path(run["eval_dir"]) / "predictions.jsonl")))
-        return row
-    row["metrics"], row["intervals"] = intervals.over_seeds([r["metrics"] for r in runs])
-    if scenario == "relearning":
-        row["unlearned_metrics"], row["unlearned_intervals"] = intervals.over_seeds([r["unlearned_metrics"] for r in runs])
-    row["runs"] = runs
-    return row
+    return leaderboard.with_runs(row, runs)
 
 
-def _run_seed(config: MatrixConfig, out: Path, method: str, scenario: str, vanilla: dict, progress: bool, seed: int) -> dict:
+def _run_seed(config: MatrixConfig, out: Path, method: str, scenario: str, vanilla: Vanilla, progress: bool, seed: int) -> dict:
     name = f"{method}-{scenario}" + (f"-seed{seed}" if config.seeds > 1 else "")
     result = unlearn(UnlearnConfig(
         data=config.data, out=str(out / name), method=method, scenario=scenario,
         method_args=config.method_args.get(method, {}), forget_fraction=config.forget_fraction,
         model=config.model_spec(config.model, lora=config.lora, freeze_vision=config.freeze_vision),
         train=replace(train_spec(config, method), seed=seed), relearn=config.relearn,
-    ), progress, vanilla_check=vanilla)
+    ), progress, vanilla_check=vanilla.check)
     evaluated = _evaluate(config, result.run_dir, out / f"eval-{name}", progress)
     run = {"seed": seed, "run_dir": str(result.run_dir), "eval_dir": str(evaluated.run_dir),
-           "mlflow_run_id": evaluated.run_id, "metrics": evaluated.metrics}
+           "mlflow_run_id": evaluated.run_id, "metrics": _with_survival(evaluated.metrics, vanilla)}
     if scenario == "relearning":
-        run["unlearned_metrics"] = _evaluate(config, result.run_dir / "unlearned", out / f"eval-{name}-unlearned", progress).metrics
+        unlearned = _evaluate(config, result.run_dir / "unlearned", out / f"eval-{name}-unlearned", progress).metrics
+        run["unlearned_metrics"] = _with_survival(unlearned, vanilla)
     return run
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+def _with_survival(metrics: dict[str, float], vanilla: Vanilla) -> dict[str, float]:
+    return {**metrics, **rumour_survival(metrics, vanilla.metrics)}
 
 
 def _evaluate(config: MatrixConfig, model_dir: Path, out: Path, progress: bool):
-    return evaluate_model(EvalConfig(data=config.data, out=str(out), model=config.model_spec(str(model_dir)), eval=config.eval), progress)
+    return evaluate_model(EvalConfig(data=config.data, out=str(out), model=config.model_spec(str(model_dir)), eval=config.eval,
+                                     suites=config.suites, robustness=config.robustness), progress)

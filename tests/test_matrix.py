@@ -3,6 +3,8 @@ with their metrics, relearning rows carry the unlearned model's metrics too, a f
 reported row, and impossible requests fail before any training."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import yaml
@@ -10,8 +12,10 @@ import yaml
 from offside.cli import main
 from offside.config import deep_merge, from_dict
 from offside.errors import OffsideError
+from offside.eval.attacks import ATTACKS, IMAGE_ATTACKS
 from offside.matrix import MatrixConfig, run_matrix, validate
 from offside.recipes import recipe_config
+from offside.report.findings import findings, render
 
 
 def _config(quickstart_run, out, **extra):
@@ -25,9 +29,14 @@ def test_matrix_rows_relearning_and_a_failed_cell(quickstart_run, tmp_path):
                      method_args={"mm_saliency": {"part": "vision"}})  # the vision tower is frozen: this cell fails
     rows = run_matrix(config, progress=False)
     on_disk = json.loads((tmp_path / "m" / "results.json").read_text())
-    assert [r["name"] for r in on_disk] == ["ga-complete", "ga-relearning", "mm_saliency-complete", "mm_saliency-relearning"]
+    assert [r["name"] for r in on_disk] == ["vanilla", "ga-complete", "ga-relearning", "mm_saliency-complete", "mm_saliency-relearning"]
     assert [r["name"] for r in rows] == [r["name"] for r in on_disk]
-    complete, relearning = on_disk[0], on_disk[1]
+    vanilla, complete, relearning = on_disk[:3]
+    # the vanilla model's own evaluation leads the table; rumour survival is relative to it
+    assert vanilla["eval_dir"].endswith("eval-vanilla") and vanilla["metrics"]["summary/survival/visual"] == 1.0
+    for kind in ("visual", "textual"):
+        key = f"forget/image/{kind}/mcq_acc"
+        assert complete["metrics"][f"summary/survival/{kind}"] == pytest.approx(complete["metrics"][key] / vanilla["metrics"][key])
     qs = json.loads((quickstart_run[0] / "results.json").read_text())
     assert complete["metrics"]["forget/image/all/mcq_acc"] < qs[0]["metrics"]["forget/image/all/mcq_acc"]
     assert "forget/image/visual/mcq_acc" in complete["metrics"] and "forget/image/textual/mcq_acc" in complete["metrics"]
@@ -35,7 +44,7 @@ def test_matrix_rows_relearning_and_a_failed_cell(quickstart_run, tmp_path):
     assert relearning["unlearned_metrics"] == pytest.approx(complete["metrics"])
     # relearning teaches the true transfer: relearn-set accuracy rises from its unlearned level
     assert relearning["metrics"]["relearn/image/all/mcq_acc"] > relearning["unlearned_metrics"]["relearn/image/all/mcq_acc"] + 0.2
-    for failed in on_disk[2:]:
+    for failed in on_disk[3:]:
         assert "no trainable parameters" in failed["error"] and "metrics" not in failed
     table = (tmp_path / "m" / "leaderboard.md").read_text()
     assert "| mm_saliency-complete | mm_saliency | complete | failed: OffsideError" in table
@@ -51,7 +60,7 @@ def test_seeds_give_means_with_intervals(quickstart_run, tmp_path):
     assert main(["matrix", "--data", str(quickstart_run[0] / "data"), "--model", str(quickstart_run[0] / "vanilla"),
                  "--out", str(tmp_path / "m"), "--recipe", "tiny", "--methods", "ga", "--scenarios", "complete",
                  "--seeds", "2", "--set", "eval.forms=[mcq]"]) == 0
-    (row,) = json.loads((tmp_path / "m" / "results.json").read_text())
+    _, row = json.loads((tmp_path / "m" / "results.json").read_text())
     assert row["seeds"] == 2 and [r["seed"] for r in row["runs"]] == [0, 1]
     assert [json.loads((tmp_path / "m" / f"ga-complete-seed{s}" / "manifest.json").read_text())["seed"] for s in (0, 1)] == [0, 1]
     key = "forget/image/all/mcq_acc"
@@ -106,31 +115,33 @@ def test_relearn_stage_learns_the_truth_and_evaluates(quickstart_run, tmp_path):
     assert metrics["final/epoch"] == 6  # the published 6 epochs
 
 
-FORGET_IMAGE = "forget/image/all/mcq_acc"
-FORGET_IMAGE_SHARED = "forget/image/shared/mcq_acc"
+SEEDS = 3
+# The robustness suite reduced to the prompt attacks (finding 5); the weight-level attacks cost minutes per model.
+PROMPT_ATTACKS_ONLY = {"attacks": [a for a in ATTACKS if a not in IMAGE_ATTACKS], "quantise": False, "four_bit": [],
+                       "relearn_steps": [], "logit_lens": False, "mia": False}
+ASSERTED = ("1 unimodal fails on the image form", "3 selective spares the shared questions", "4 relearning brings rumours back")
 
 
 @pytest.mark.slow
-def test_tiny_matrix_reproduces_the_scenario_findings(quickstart_run, tmp_path):
-    """Every method × scenario with the tiny recipe (about 10 minutes on 2 quiet cores). What the tiny
-    model reproduces, and where it differs from the paper, is in README "Method matrix"."""
-    rows = run_matrix(_config(quickstart_run, tmp_path / "m"), progress=False)
-    assert not [row["name"] for row in rows if "error" in row]
-    cell = {(row["method"], row["scenario"]): row["metrics"] for row in rows}
-    methods = sorted({row["method"] for row in rows})
-    # One item of the forget image's 168 multiple-choice questions (12 players × 14) is 0.006: "a tie".
-    tie = 0.01
-    # text-only unlearning does not transfer fully to the image form: on average over methods, and no
-    # method forgets the image form more from text alone than from both forms
-    gap = [cell[m, "unimodal"][FORGET_IMAGE] - cell[m, "complete"][FORGET_IMAGE] for m in methods]
-    assert sum(gap) / len(gap) > 0.05 and min(gap) > -tie, gap
-    # selective unlearning spares the shared identity questions of the forget image
-    gap = [cell[m, "selective"][FORGET_IMAGE_SHARED] - cell[m, "complete"][FORGET_IMAGE_SHARED] for m in methods]
-    assert sum(gap) / len(gap) > 0.05 and min(gap) > -tie, gap
-    # corrective relearning brings forget-set accuracy back up from its unlearned level for every
-    # method, led by the forget image's identity facts
-    for method in methods:
-        relearning = next(row for row in rows if row["name"] == f"{method}-relearning")
-        before, after = relearning["unlearned_metrics"], relearning["metrics"]
-        assert after[FORGET_IMAGE] > before[FORGET_IMAGE], method
-        assert after[FORGET_IMAGE_SHARED] > before[FORGET_IMAGE_SHARED], method
+def test_tiny_matrix_findings_over_three_seeds(quickstart_run, tmp_path):
+    """`--recipe tiny --seeds 3` on the quickstart's vanilla model: every method × scenario, then the
+    complete scenario under the prompt attacks (about 50 minutes on 2 quiet cores). Findings 1, 3 and 4
+    must hold on their intervals over the seeds, across methods, and be reversed for no method;
+    2 and 5 are stated as measured (printed and written to findings.md; README "What the tiny model
+    reproduces"). OFFSIDE_FINDINGS_OUT keeps the runs."""
+    out = Path(os.environ.get("OFFSIDE_FINDINGS_OUT") or tmp_path)
+    rows = run_matrix(_config(quickstart_run, out / "matrix", seeds=SEEDS), progress=False)
+    attacked = run_matrix(_config(quickstart_run, out / "attacks", seeds=SEEDS, scenarios=["complete"],
+                                  suites=["efficacy", "robustness"], robustness=PROMPT_ATTACKS_ONLY), progress=False)
+    assert not [row["name"] for row in rows + attacked if "error" in row]
+    result = findings(rows, attacked)
+    (out / "findings.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "findings.md").write_text(render(result, SEEDS))
+    print(render(result, SEEDS))
+    for name in ASSERTED:
+        assert result[name]["across"]["verdict"] == "yes", (name, result[name]["across"])
+        assert not [m for m, stat in result[name]["methods"].items() if stat["verdict"] == "reversed"], (name, result[name])
+    methods = {row["method"] for row in rows} - {"none"}
+    measured = [result["2 visual rumours survive more than textual"], *result["5 prompt attacks recover rumours"].values()]
+    assert len(measured) == len(PROMPT_ATTACKS_ONLY["attacks"])  # every attack but the plain query, and finding 2
+    assert all(set(stat["methods"]) == methods and stat["across"]["seeds"] == SEEDS for stat in measured)

@@ -38,6 +38,7 @@ from offside.eval.robustness import (FOUR_BIT_TYPES, four_bit_backend, logit_len
 from offside.models.loading import LoraSpec
 
 SUITES = ("efficacy", "generalization", "utility", "robustness")
+CHEAP_SUITES = SUITES[:3]  # robustness (attacks, relearning, quantisation) costs minutes per model
 SUITE_SPLITS = {"efficacy": ("forget", "relearn"), "generalization": ("test",), "utility": ("retain",)}
 
 

@@ -7,7 +7,12 @@
   one collapsed set more than an average would);
 - robust forget score = the forget efficacy under the worst attack: 1 − max over every attack's
   rumour recovery rate (prompt and image attacks, int8, NF4 and FP4 4-bit, relearning after k steps)
-  / the vanilla model's unattacked recovery rate (robustness suite only).
+  / the vanilla model's unattacked recovery rate (robustness suite only);
+- rumour survival (visual, textual) = forget accuracy on that kind of rumour / the vanilla model's
+  (image form): the share of the rumours the vanilla model held that survive unlearning (1 = all of
+  them; a model at chance keeps about 0.25 / vanilla's). Visual rumours can be read off the forget
+  image (the club's kit, a headline's fee); textual ones cannot (paper finding: visual rumours are
+  the hardest to unlearn).
 
 Accuracy here is multiple-choice accuracy averaged over the image and text forms (the general set is
 image-only)."""
@@ -24,6 +29,7 @@ UTILITY_SETS = ("retain", "test")
 GENERAL_SET = "general"
 BASE_RECOVERY = "robust/attack/none/recovery"
 QUANTISED = ("int8", "nf4", "fp4")  # robust/<name>/recovery
+SURVIVAL = {kind: (f"summary/survival/{kind}", f"forget/image/{kind}/mcq_acc") for kind in ("visual", "textual")}
 
 
 def set_accuracy(metrics: dict[str, float], split: str, metric: str = "mcq_acc") -> float:
@@ -77,9 +83,15 @@ def robust_forget(metrics: dict[str, float], vanilla: dict[str, float]) -> tuple
     return (1.0 - rates[worst] / base if base > 0 else 0.0), worst
 
 
+def rumour_survival(metrics: dict[str, float], vanilla: dict[str, float]) -> dict[str, float]:
+    """summary/survival/<kind> for each rumour kind both runs were scored on."""
+    return {name: metrics[key] / vanilla[key] for name, key in SURVIVAL.values()
+            if key in metrics and vanilla.get(key, 0.0) > 0}
+
+
 def summary_scores(metrics: dict[str, float], vanilla: dict[str, float]) -> dict[str, float]:
     scores = {"summary/forget_efficacy": forget_efficacy(metrics, vanilla),
-              "summary/model_utility": model_utility(metrics, vanilla)}
+              "summary/model_utility": model_utility(metrics, vanilla), **rumour_survival(metrics, vanilla)}
     if attack_recoveries(metrics) and BASE_RECOVERY in vanilla:
         scores["summary/robust_forget"] = robust_forget(metrics, vanilla)[0]
     return scores

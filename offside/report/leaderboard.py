@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+from offside.report import intervals
+
 # (column title, metric key): multiple-choice accuracy and ROUGE-L, image and text forms, and the
 # forget accuracy split by rumour kind (visual: readable from the picture; textual: not).
 COLUMNS = [
@@ -18,7 +20,8 @@ COLUMNS = [
     (f"forget {short} {rumour} acc", f"forget/{modality}/{rumour}/mcq_acc")
     for rumour in ("visual", "textual")
     for modality, short in (("image", "img"), ("text", "txt"))
-] + [("forget img shared acc", "forget/image/shared/mcq_acc"), ("forget img private acc", "forget/image/private/mcq_acc")]
+] + [("forget img shared acc", "forget/image/shared/mcq_acc"), ("forget img private acc", "forget/image/private/mcq_acc")] + [
+    (f"{kind} rumour survival", f"summary/survival/{kind}") for kind in ("visual", "textual")]  # offside/eval/summary.py
 # Relearning rows also show the unlearned model's forget accuracy, so resurfacing reads off one row.
 BEFORE_RELEARNING = [("forget img acc before relearning", "forget/image/all/mcq_acc")]
 
@@ -40,24 +43,40 @@ def render(rows: list[dict]) -> str:
         if row.get("error"):
             cells = [f"failed: {row['error']}"] + [""] * (len(COLUMNS) + len(BEFORE_RELEARNING))
         else:
-            cells = [_cell(row["metrics"].get(key), row.get("intervals", {}).get(key)) for _, key in COLUMNS]
-            cells += [_cell(row.get("unlearned_metrics", {}).get(key), row.get("unlearned_intervals", {}).get(key))
+            cells = [cell(row["metrics"].get(key), row.get("intervals", {}).get(key)) for _, key in COLUMNS]
+            cells += [cell(row.get("unlearned_metrics", {}).get(key), row.get("unlearned_intervals", {}).get(key))
                       for _, key in BEFORE_RELEARNING]
-            cells.append(_interval_basis(row))
+            cells.append(interval_basis(row))
         lines.append(f"| {row['name']} | {row['method']} | {row['scenario']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _cell(value: float | None, half_width: float | None = None) -> str:
+def cell(value: float | None, half_width: float | None = None) -> str:
     if value is None:
         return "–"
     return f"{value:.3f}" if half_width is None else f"{value:.3f} ± {half_width:.3f}"
 
 
-def _interval_basis(row: dict) -> str:
+def interval_basis(row: dict) -> str:
     if not row.get("intervals"):
         return "–"
     return f"{row['seeds']} seeds" if row.get("seeds", 1) > 1 else "items (bootstrap)"
+
+
+def with_runs(row: dict, runs: list[dict]) -> dict:
+    """`row` with the metrics of its runs (dicts with `metrics`, `eval_dir`, and for relearning cells
+    `unlearned_metrics`): one run's own, with bootstrap intervals over its evaluated items; several
+    runs' mean with 95 % intervals over them, the runs kept under `runs`."""
+    if len(runs) == 1:
+        (run,) = runs
+        predictions = Path(run["eval_dir"]) / "predictions.jsonl"
+        records = [json.loads(line) for line in predictions.read_text().splitlines() if line]
+        return {**row, **run, "intervals": intervals.over_items(records)}
+    row = {**row, "runs": runs}
+    row["metrics"], row["intervals"] = intervals.over_seeds([r["metrics"] for r in runs])
+    if "unlearned_metrics" in runs[0]:
+        row["unlearned_metrics"], row["unlearned_intervals"] = intervals.over_seeds([r["unlearned_metrics"] for r in runs])
+    return row
 
 
 def write(rows: list[dict], out_dir: Path) -> str:
