@@ -8,6 +8,7 @@ on a local Ray (one MLflow parent run, one child per method)."""
 
 import json
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 
@@ -67,3 +68,33 @@ def test_report_reads_method_and_seed_of_the_models_the_sweep_exported(quickstar
     for method in ("ga", "gd"):
         row = next(line for line in board.splitlines() if line.startswith(f"| eval-{method} |"))
         assert row.startswith(f"| eval-{method} | {method} | complete |") and "| 0 |" in row  # seed 0
+
+
+def test_seeds_train_a_vanilla_model_per_seed_and_show_intervals(tmp_path):
+    """`--seeds 2 --phrasings 2` on 2 players: each seed its own vanilla model (trained on two wordings
+    per question, for half the epochs) and unlearning, the leaderboard their mean ± interval."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    out = tmp_path / "qs"
+    proc = subprocess.run([sys.executable, "-m", "offside.cli", "quickstart", "--out", str(out), "--players", "2",
+                           "--seeds", "2", "--phrasings", "2"], capture_output=True, text=True, timeout=1200,
+                          env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in rows] == ["vanilla", "ga", "gd"] and all(r["seeds"] == 2 for r in rows)
+    for row in rows:
+        assert [r["seed"] for r in row["runs"]] == [0, 1]
+        assert [r["run_dir"] for r in row["runs"]] == [str(out / f"seed{s}" / row["name"]) for s in (0, 1)]
+        key = "forget/image/all/mcq_acc"
+        assert row["metrics"][key] == pytest.approx(sum(r["metrics"][key] for r in row["runs"]) / 2) and key in row["intervals"]
+    for seed in (0, 1):
+        vanilla = out / f"seed{seed}" / "vanilla"
+        assert json.loads((vanilla / "manifest.json").read_text())["seed"] == seed
+        assert yaml.safe_load((vanilla / "config.yaml").read_text())["phrasings"] == 2
+        assert json.loads((vanilla / "metrics.json").read_text())["final/epoch"] == 20  # the tiny recipe's 40 / 2
+    assert rows[1]["runs"][0]["metrics"] != rows[1]["runs"][1]["metrics"]  # another vanilla model, another GA
+    assert "2 seeds" in (out / "leaderboard.md").read_text()

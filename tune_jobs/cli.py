@@ -17,14 +17,16 @@ def add_commands(sub) -> None:
     quick = sub.add_parser("quickstart", help="synthetic data → vanilla → GA, GD (a local sweep) → eval → leaderboard")
     quick.add_argument("--out", required=True)
     quick.add_argument("--players", type=int, default=12)
-    quick.add_argument("--seed", type=int, default=0)
+    quick.add_argument("--seed", type=int, default=0, help="the synthetic benchmark's seed")
+    quick.add_argument("--seeds", type=int, default=1, help="training seeds: N vanilla models, each unlearned; mean ± 95 %% interval")
+    quick.add_argument("--phrasings", type=int, default=3, help="wordings per training question of the vanilla model (1-4)")
     quick.set_defaults(func=cmd_quickstart)
 
 
 def cmd_quickstart(args) -> None:
     from tune_jobs.quickstart import quickstart
 
-    quickstart(args.out, players=args.players, seed=args.seed)
+    quickstart(args.out, players=args.players, seed=args.seed, seeds=args.seeds, phrasings=args.phrasings)
 
 
 def cmd_tune(args) -> None:

@@ -12,13 +12,16 @@ exported to DIR/<method>."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
+from offside.data.phrasings import check_phrasings
 from offside.data.synth import generate
 from offside.errors import OffsideError
 from offside.eval.evaluate import EvalSpec
 from offside.models.loading import ModelSpec
-from offside.recipes import TINY_UNLEARN, TINY_VANILLA
+from offside.eval.summary import rumour_survival
+from offside.recipes import TINY_PHRASINGS, TINY_UNLEARN, tiny_vanilla
 from offside.report import leaderboard
 from offside.stages import EvalConfig, FinetuneConfig, evaluate_model, finetune
 from tune_jobs.spec import ResourceSpec, SchedulerSpec, SweepConfig, validate
@@ -26,37 +29,57 @@ from tune_jobs.sweep import export_model, run_sweep
 
 QUICKSTART_METHODS = ("ga", "gd")
 
-def quickstart(out: str | Path, players: int = 12, seed: int = 0) -> list[dict]:
+
+def quickstart(out: str | Path, players: int = 12, seed: int = 0, seeds: int = 1, phrasings: int = TINY_PHRASINGS) -> list[dict]:
+    """`seed`: the benchmark's; `seeds`: training seeds 0…seeds−1, each a vanilla model and its
+    unlearning (DIR/seed<s>/ when seeds > 1), the leaderboard then showing mean ± 95 % interval over
+    them; `phrasings`: wordings per training question of the vanilla model (offside/data/phrasings.py)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise OffsideError(f"{out}: already exists and is not empty; choose a new --out")
+    if seeds < 1:
+        raise OffsideError(f"seeds must be ≥ 1, got {seeds}")
+    check_phrasings(phrasings)
     started = time.time()
     data = generate(out / "data", players=players, seed=seed)
     _say(f"data: {players} players at {data} ({time.time() - started:.0f}s)")
-
-    vanilla = finetune(FinetuneConfig(data=str(data), out=str(out / "vanilla"), model=ModelSpec("tiny"), train=TINY_VANILLA))
-    _say(f"vanilla: trained in {time.time() - started:.0f}s")
-    models = [("vanilla", "none", "none", vanilla.run_dir)]
-    for method, run_dir in _unlearn_sweep(out, data, vanilla.run_dir).items():
-        models.append((method, method, "complete", run_dir))
-    _say(f"{', '.join(QUICKSTART_METHODS)}: unlearned (Ray Tune sweep) in {time.time() - started:.0f}s")
-
-    rows: list[dict] = []
-    for name, method, scenario, run_dir in models:
-        result = evaluate_model(EvalConfig(data=str(data), out=str(out / f"eval-{name}"), model=ModelSpec(str(run_dir)), eval=EvalSpec()))
-        rows.append({"name": name, "method": method, "scenario": scenario, "run_dir": str(run_dir),
-                     "eval_dir": str(result.run_dir), "mlflow_run_id": result.run_id, "metrics": result.metrics})
-        table = leaderboard.write(rows, out)
-        _say(f"eval {name}: done in {time.time() - started:.0f}s")
+    runs: dict[str, list[dict]] = {}
+    for train_seed in range(seeds):
+        home = out / f"seed{train_seed}" if seeds > 1 else out
+        for run in _pipeline(home, data, train_seed, phrasings, started):
+            runs.setdefault(run["name"], []).append(run)
+    rows = [leaderboard.with_runs({"name": name, "method": rs[0]["method"], "scenario": rs[0]["scenario"], "seeds": seeds},
+                                  [{k: v for k, v in r.items() if k not in ("name", "method", "scenario")} for r in rs])
+            for name, rs in runs.items()]
+    table = leaderboard.write(rows, out)
     print(table)
     _say(f"quickstart finished in {time.time() - started:.0f}s: {out / 'leaderboard.md'}")
     return rows
 
 
-def _unlearn_sweep(out: Path, data: Path, vanilla: Path) -> dict[str, Path]:
+def _pipeline(out: Path, data: Path, seed: int, phrasings: int, started: float) -> list[dict]:
+    """Vanilla model, GA and GD, each evaluated: one run per model (metrics with rumour survival)."""
+    vanilla = finetune(FinetuneConfig(data=str(data), out=str(out / "vanilla"), model=ModelSpec("tiny"),
+                                      train=tiny_vanilla(phrasings, seed), phrasings=phrasings))
+    _say(f"vanilla (seed {seed}): trained in {time.time() - started:.0f}s")
+    models = [("vanilla", "none", "none", vanilla.run_dir)]
+    for method, run_dir in _unlearn_sweep(out, data, vanilla.run_dir, seed).items():
+        models.append((method, method, "complete", run_dir))
+    _say(f"{', '.join(QUICKSTART_METHODS)}: unlearned (Ray Tune sweep) in {time.time() - started:.0f}s")
+    runs: list[dict] = []
+    for name, method, scenario, run_dir in models:
+        result = evaluate_model(EvalConfig(data=str(data), out=str(out / f"eval-{name}"), model=ModelSpec(str(run_dir)), eval=EvalSpec()))
+        metrics = {**result.metrics, **rumour_survival(result.metrics, runs[0]["metrics"] if runs else result.metrics)}
+        runs.append({"name": name, "method": method, "scenario": scenario, "seed": seed, "run_dir": str(run_dir),
+                     "eval_dir": str(result.run_dir), "mlflow_run_id": result.run_id, "metrics": metrics})
+        _say(f"eval {name} (seed {seed}): done in {time.time() - started:.0f}s")
+    return runs
+
+
+def _unlearn_sweep(out: Path, data: Path, vanilla: Path, seed: int) -> dict[str, Path]:
     config = SweepConfig(
         name="unlearn-sweep", storage=str(out), data=str(data), vanilla=str(vanilla), methods=list(QUICKSTART_METHODS),
-        train=TINY_UNLEARN, search="grid", search_space={"method": {"grid": list(QUICKSTART_METHODS)}},
+        train=replace(TINY_UNLEARN, seed=seed), search="grid", search_space={"method": {"grid": list(QUICKSTART_METHODS)}},
         scheduler=SchedulerSpec(name="fifo"), resources=ResourceSpec(workers=1, max_concurrent=2, local_cpus=4),
         epoch_eval=EvalSpec(splits=["forget", "retain", "test"], forms=["mcq"], limit=16), export_best=False,
     )
