@@ -5,6 +5,7 @@ and the MLflow run."""
 import base64
 import io
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -20,30 +21,46 @@ from offside.errors import OffsideError
 from offside.report.report import PLOTS, ReportConfig, make_report
 
 
-def _model(root, name, stage, method=None, scenario=None):
+def _model(root, name, stage, method=None, scenario=None, seed=3, base=None, **config):
+    """A fake stage's model directory; config.yaml as the stage writes it (out, model.name, train.seed)."""
     d = root / name
     d.mkdir()
-    (d / "manifest.json").write_text(json.dumps({"stage": stage, "seed": 3, "wall_time_s": 10.0}))
-    (d / "config.yaml").write_text(yaml.safe_dump({"method": method, "scenario": scenario} if method else {"split": "retain+forget"}))
+    (d / "manifest.json").write_text(json.dumps({"stage": stage, "seed": seed, "wall_time_s": 10.0}))
+    config = ({"method": method, "scenario": scenario} if method else {"split": "retain+forget"}) | config
+    config |= {"out": str(d), "model": {"name": str(base or "tiny")}, "train": {"seed": seed, **config.get("train", {})}}
+    (d / "config.yaml").write_text(yaml.safe_dump(config))
     return d
 
 
-def _eval(root, name, model_dir, metrics, run_id):
+def _eval(root, name, model_dir, metrics, run_id, predictions=None, **config):
     d = root / name
     d.mkdir()
     (d / "metrics.json").write_text(json.dumps(metrics))
-    (d / "config.yaml").write_text(yaml.safe_dump({"model": {"name": str(model_dir)}}))
+    (d / "config.yaml").write_text(yaml.safe_dump({"model": {"name": str(model_dir)}, "out": str(d)} | config))
     (d / "manifest.json").write_text(json.dumps({"stage": "eval", "data_hash": "abcdef0123456789", "wall_time_s": 2.5,
                                                  "versions": {"offside": "0.1.0", "torch": "2.13.0+cpu"}, "mlflow_run_id": run_id}))
+    if predictions is not None:
+        (d / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in predictions))
     return d
 
 
-def _metrics(forget, retain, recoveries, relearn):
+def _metrics(forget, retain, recoveries, relearn, visual=None, textual=None):
     m = {"forget/image/all/mcq_acc": forget, "forget/text/all/mcq_acc": forget, "retain/image/all/mcq_acc": retain,
          "test/image/all/mcq_acc": retain, "general/image/all/mcq_acc": 0.3, "privacy/mia_auc": 0.6}
     m |= {f"robust/attack/{a}/recovery": v for a, v in recoveries.items()}
     m |= {f"robust/relearn/k{k}/recovery": v for k, v in relearn.items()}
+    m |= {f"forget/image/{kind}/mcq_acc": v for kind, v in (("visual", visual), ("textual", textual)) if v is not None}
     return m
+
+
+def _board_row(board, name):
+    (line,) = [line for line in board.splitlines() if line.startswith(f"| {name} |")]
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def _column(board, title):
+    head = next(line for line in board.splitlines() if line.startswith("| run |"))
+    return [cell.strip() for cell in head.strip("|").split("|")].index(title)
 
 
 @pytest.fixture
@@ -156,3 +173,131 @@ def test_heatmap_and_worst_attack_include_image_and_4bit_attacks(tmp_path):
     assert runs[1].worst_attack == "nf4"
     assert runs[1].summary["summary/robust_forget"] == pytest.approx(1 - 0.7 / 0.95)
     assert "| nf4 |" in leaderboard_md(runs)
+
+
+T95_2DOF = 4.303  # Student's t, two-sided 95 %, 2 degrees of freedom
+
+
+def _ga_seeds(root, vanilla_model, forgets=(0.3, 0.4, 0.5), visuals=(0.6, 0.7, 0.8), **train):
+    """Three seed replicates of GA from one vanilla model, evaluated as the matrix names them."""
+    dirs = []
+    for seed, forget, visual in zip(range(3), forgets, visuals):
+        model = _model(root, f"ga-seed{seed}", "unlearn", "ga", "complete", seed=seed, base=vanilla_model,
+                       method_args={"alpha": 1.0}, train={"lr": 1e-5, **train})
+        recoveries = {"none": 0.3, "few_shot": (0.6, 0.2, 0.5)[seed]}  # worst per seed differs; by mean: few_shot
+        dirs.append(_eval(root, f"eval-ga-complete-seed{seed}", model,
+                          _metrics(forget, 0.7, recoveries, {}, visual=visual, textual=0.2), f"r{seed}"))
+    return dirs
+
+
+def _vanilla(root, name="vanilla", seed=3, forget=1.0):
+    model = _model(root, name, "finetune", seed=seed)
+    return model, _eval(root, f"eval-{name}", model,
+                        _metrics(forget, 0.9, {"none": 0.95, "few_shot": 0.9}, {}, visual=0.9, textual=0.8), "rv")
+
+
+def test_seed_replicates_make_one_row_with_a_students_t_interval(tmp_path):
+    model, vanilla = _vanilla(tmp_path)
+    out = make_report(ReportConfig(runs=[str(vanilla), *map(str, _ga_seeds(tmp_path, model))], out=str(tmp_path / "report")))
+    board = (out / "leaderboard.md").read_text()
+    assert sum(line.startswith("| eval-ga") for line in board.splitlines()) == 1
+    row = _board_row(board, "eval-ga-complete")
+    # forget efficacy per seed 1 − forget acc / 1.0 = 0.7, 0.6, 0.5: mean 0.6, sample sd 0.1
+    half = T95_2DOF * 0.1 / math.sqrt(3)
+    assert row[:4] == ["eval-ga-complete", "ga", "complete", f"0.600 ± {half:.3f}"]
+    assert row[_column(board, "forget img acc")] == f"0.400 ± {half:.3f}"
+    assert row[_column(board, "visual survival")] == f"{0.7 / 0.9:.3f} ± {half / 0.9:.3f}"
+    assert row[_column(board, "textual survival")] == f"{0.2 / 0.8:.3f} ± 0.000"
+    assert row[_column(board, "interval over")] == "3 seeds" and row[_column(board, "seed")] == "0,1,2"
+    assert row[_column(board, "worst attack")] == "few_shot"
+    assert row[_column(board, "MLflow run")] == "runs:/r0 runs:/r1 runs:/r2"
+
+    summary = json.loads((out / "summary.json").read_text())["eval-ga-complete"]
+    assert summary["summary/forget_efficacy"] == pytest.approx(0.6)
+    assert summary["half_width"]["summary/forget_efficacy"] == pytest.approx(half)
+    assert summary["half_width"]["summary/survival/visual"] == pytest.approx(half / 0.9)
+    assert (summary["n"], summary["seeds"], summary["interval_over"]) == (3, [0, 1, 2], "3 seeds")
+    assert summary["runs"] == [f"eval-ga-complete-seed{s}" for s in range(3)]
+    assert summary["worst_attack"] == "few_shot" and summary["vanilla"] == ["eval-vanilla"]
+
+
+def test_a_single_run_gets_a_bootstrap_interval_over_items_on_its_accuracies(tmp_path):
+    from offside.report.intervals import over_items
+    from offside.report.report import collect, leaderboard_md
+
+    model, vanilla = _vanilla(tmp_path)
+    records = [{"id": f"{split}{i}", "split": split, "modality": "image", "form": "mcq", "output": 0,
+                "mcq_acc": float(i % 5 < correct)} for split, correct in (("forget", 2), ("retain", 4)) for i in range(100)]
+    ga = _eval(tmp_path, "eval-ga", _model(tmp_path, "ga", "unlearn", "ga", "complete", base=model),
+               _metrics(0.4, 0.8, {"none": 0.3}, {}), "r1", predictions=records)
+    board = leaderboard_md(collect(ReportConfig(runs=[str(vanilla), str(ga)])))
+    row = _board_row(board, "eval-ga")
+    widths = over_items(records)
+    # a proportion of 0.4 over 100 items: 1.96 × √(0.24 / 100) ≈ 0.096
+    assert widths["forget/image/all/mcq_acc"] == pytest.approx(0.096, abs=0.015)
+    assert row[_column(board, "forget img acc")] == f"0.400 ± {widths['forget/image/all/mcq_acc']:.3f}"
+    assert row[_column(board, "retain img acc")] == f"0.800 ± {widths['retain/image/all/mcq_acc']:.3f}"
+    assert row[_column(board, "forget txt acc")] == "0.400"  # no text-form predictions: no interval
+    assert row[_column(board, "forget efficacy")] == "0.600"  # a ratio of two runs: plain
+    assert row[_column(board, "interval over")] == "items (bootstrap)"
+    assert _board_row(board, "eval-vanilla")[_column(board, "interval over")] == "–"  # no predictions.jsonl
+
+
+def test_runs_that_differ_in_more_than_the_seed_are_separate_rows(tmp_path):
+    from offside.report.report import collect
+
+    model, vanilla = _vanilla(tmp_path)
+    ga = [_model(tmp_path, f"ga-seed{s}", "unlearn", "ga", "complete", seed=s, base=model, method_args={"alpha": a},
+                 train={"lr": lr}) for s, a, lr in ((0, 1.0, 1e-5), (1, 2.0, 1e-5), (2, 1.0, 5e-5), (3, 1.0, 1e-5))]
+    evals = [_eval(tmp_path, f"eval-ga-seed{s}", m, _metrics(0.4, 0.7, {}, {}), f"r{s}") for s, m in enumerate(ga)]
+    # the same model as seed 0 scored with other eval settings: not a replicate either
+    evals.append(_eval(tmp_path, "eval-ga-seed0-limited", ga[0], _metrics(0.5, 0.7, {}, {}), "r9", eval={"limit": 8}))
+    rows = collect(ReportConfig(runs=[str(vanilla), *map(str, evals)]))
+    assert [(r.name, len(r.runs)) for r in rows] == [
+        ("eval-vanilla", 1), ("eval-ga", 2), ("eval-ga-seed1", 1), ("eval-ga-seed2", 1), ("eval-ga-seed0-limited", 1)]
+    assert [r.name for r in rows[1].runs] == ["eval-ga-seed0", "eval-ga-seed3"]  # differ only in seed and paths
+
+
+def test_each_run_is_scored_against_the_vanilla_model_it_came_from(tmp_path):
+    from offside.report.report import collect, leaderboard_md, summary_json
+
+    vanillas = [_vanilla(tmp_path, f"vanilla-seed{s}", seed=s, forget=f) for s, f in ((0, 1.0), (1, 0.8))]
+    ga = _eval(tmp_path, "eval-ga", _model(tmp_path, "ga", "unlearn", "ga", "complete", base=vanillas[1][0]),
+               _metrics(0.4, 0.7, {}, {}, visual=0.45, textual=0.2), "r1")
+    rows = collect(ReportConfig(runs=[str(vanillas[0][1]), str(vanillas[1][1]), str(ga)]))
+    board = leaderboard_md(rows)
+    row = _board_row(board, "eval-ga")
+    assert row[_column(board, "forget efficacy")] == "0.500"  # 1 − 0.4 / 0.8 (vanilla seed 0 would give 0.600)
+    assert row[_column(board, "visual survival")] == "0.500"  # 0.45 / 0.9
+    assert summary_json(rows)["eval-ga"]["vanilla"] == ["eval-vanilla-seed1"]
+    # the vanilla replicates are one row, each its own reference
+    vanilla = _board_row(board, "eval-vanilla")
+    assert vanilla[_column(board, "forget efficacy")] == "0.000 ± 0.000"
+    assert vanilla[_column(board, "forget img acc")] == f"0.900 ± {12.706 * math.sqrt(0.02) / math.sqrt(2):.3f}"
+    assert vanilla[_column(board, "interval over")] == "2 seeds"
+
+    # --vanilla when the base model is not among the runs; the runs' own vanilla otherwise
+    other = _eval(tmp_path, "eval-ga-other", _model(tmp_path, "ga-other", "unlearn", "ga", "complete", base=tmp_path / "x"),
+                  _metrics(0.4, 0.7, {}, {}), "r2")
+    rows = collect(ReportConfig(runs=[str(ga), str(other)], vanilla=str(vanillas[0][1])))
+    assert [r.runs[0].vanilla for r in rows] == ["eval-vanilla-seed0", "eval-vanilla-seed0"]
+    rows = collect(ReportConfig(runs=[str(vanillas[1][1]), str(ga)], vanilla=str(vanillas[0][1])))
+    assert rows[1].summary["summary/forget_efficacy"] == pytest.approx(0.5)
+
+
+def test_rumour_survival_plot_is_drawn_and_embedded(tmp_path):
+    model, vanilla = _vanilla(tmp_path)
+    gd = _eval(tmp_path, "eval-gd", _model(tmp_path, "gd", "unlearn", "gd", "complete", base=model),
+               _metrics(0.4, 0.8, {"none": 0.3}, {}, visual=0.7, textual=0.1), "r9")
+    runs = [vanilla, *_ga_seeds(tmp_path, model), gd]
+    out = make_report(ReportConfig(runs=[str(d) for d in runs], out=str(tmp_path / "report")))
+    assert "rumour_survival.png" in PLOTS
+    image = Image.open(out / "rumour_survival.png")
+    assert image.format == "PNG"
+    image.load()
+    assert image.width >= 400 and sum(1 for n in image.convert("L").histogram() if n) > 10
+    parser = Images()
+    parser.feed((out / "report.html").read_text())
+    embedded = [src for src in parser.sources if src == "data:image/png;base64," + base64.b64encode(
+        (out / "rumour_survival.png").read_bytes()).decode()]
+    assert len(embedded) == 1 and 'alt="rumour_survival"' in (out / "report.html").read_text()

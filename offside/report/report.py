@@ -1,19 +1,35 @@
 """`offside report --runs DIR... --out DIR`: leaderboard.md, a self-contained report.html (plots
-embedded as data URIs) and PNG plots, logged to MLflow as one run.
+embedded as data URIs), summary.json and PNG plots, logged to MLflow as one run.
 
-Each DIR is an eval stage directory (metrics.json, manifest.json, config.yaml). Its model directory
-(config.yaml → model.name) tells the method, scenario and training seed; the vanilla model is the run
-whose model was made by the finetune stage (or `--vanilla DIR`). Summary scores are relative to it.
+Each DIR is an eval stage directory (metrics.json, manifest.json, config.yaml; predictions.jsonl when
+`offside eval` wrote it). Its model directory (manifest model_path, else config.yaml → model.name)
+tells the method, scenario and training seed.
+
+Which vanilla: summary scores (forget efficacy, model utility, robust forget, rumour survival) are
+relative to a vanilla model (made by the finetune stage). Each run is scored against the vanilla run
+among --runs whose model is this run's base model (or its base's base…; compared as resolved paths),
+else against `--vanilla DIR`, else the first vanilla run; a vanilla run is its own reference.
+
+Seeds: runs whose models are seed replicates — the same eval settings, and model configs equal but
+for `train.seed` and the paths `out` and `model.name`, all the way down the chain of base models (so
+models unlearned from vanilla replicates are replicates too) — make one row: every number is
+the mean over the N runs ± the half-width of the 95 % Student's t interval ("N seeds"). A run alone in
+its row shows a percentile bootstrap over the evaluated items (predictions.jsonl) on its per-item
+means, the accuracy columns ("items (bootstrap)"); summary scores, ratios of two runs, show plain.
 
 Plots: forget efficacy vs model utility per method and scenario; relearning recovery curves;
-attack × method heatmap of rumour recovery rates.
+attack × method heatmap of rumour recovery rates; rumour survival, visual vs textual rumours.
 """
 
 from __future__ import annotations
 
 import base64
+import copy
 import html
 import json
+import math
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,11 +37,16 @@ import yaml
 
 from offside.errors import OffsideError
 from offside.eval.attacks import ATTACKS
-from offside.eval.summary import QUANTISED, attack_recoveries, summary_scores
+from offside.eval.summary import QUANTISED, SURVIVAL, attack_recoveries, summary_scores
+from offside.report import intervals, leaderboard
 from offside.stages import atomic_dir
 from offside.tracking import stage_run, tracking_uri
 
-PLOTS = ("efficacy_vs_utility.png", "relearn_curves.png", "attack_heatmap.png")
+PLOTS = ("efficacy_vs_utility.png", "relearn_curves.png", "attack_heatmap.png", "rumour_survival.png")
+# Keys of a stage's config.yaml that name where it ran, not what it did (a model's base model is
+# compared by its own config instead of its path).
+PATH_KEYS = ("out", "model.name")
+SEED_KEY = "train.seed"
 
 
 @dataclass
@@ -46,28 +67,98 @@ class RunInfo:
     seed: int | None
     train_wall_s: float | None
     is_vanilla: bool
+    lineage: list[Path] = field(default_factory=list)  # the model dir, its base model, that one's base…
+    key: str = ""  # equal for seed replicates (replicate_key)
     summary: dict[str, float] = field(default_factory=dict)
+    vanilla: str = ""  # the eval run its summary scores are relative to
+
+    @property
+    def model_dir(self) -> Path:
+        return self.lineage[0]
+
+
+@dataclass
+class Row:
+    """One report row: a run, or the seed replicates of one model config (their means)."""
+
+    name: str
+    runs: list[RunInfo]
+    values: dict[str, float]  # metrics and summary scores
+    widths: dict[str, float]  # half-widths of the 95 % intervals, where there are any
     worst_attack: str = ""
+
+    method = property(lambda self: self.runs[0].method)
+    scenario = property(lambda self: self.runs[0].scenario)
+    is_vanilla = property(lambda self: self.runs[0].is_vanilla)
+
+    @property
+    def summary(self) -> dict[str, float]:
+        return {k: v for k, v in self.values.items() if k.startswith("summary/") or k == "privacy/mia_auc"}
+
+    @property
+    def interval_over(self) -> str:
+        return leaderboard.interval_basis({"intervals": self.widths, "seeds": len(self.runs)})
+
+    def cell(self, key: str) -> str:
+        return leaderboard.cell(self.values.get(key), self.widths.get(key))
 
 
 def load_run(path: Path) -> RunInfo:
     for name in ("metrics.json", "manifest.json", "config.yaml"):
         if not (path / name).is_file():
             raise OffsideError(f"{path}: not an eval run directory (no {name})")
-    metrics = json.loads((path / "metrics.json").read_text())
-    manifest = json.loads((path / "manifest.json").read_text())
-    config = yaml.safe_load((path / "config.yaml").read_text()) or {}
-    # The manifest's absolute model_path; config.yaml holds the name as given (relative to where it ran).
-    model_dir = Path(manifest.get("model_path") or config.get("model", {}).get("name", ""))
-    model_config = _read_yaml(model_dir / "config.yaml")
-    model_manifest = _read_json(model_dir / "manifest.json")
+    lineage = _lineage(path)
+    if not lineage:
+        raise OffsideError(f"{path}: names no model (manifest.json model_path, config.yaml model.name)")
+    model_config = _read_yaml(lineage[0] / "config.yaml")
+    model_manifest = _read_json(lineage[0] / "manifest.json")
     stage = model_manifest.get("stage", "")
     return RunInfo(
-        name=path.name, path=path, metrics=metrics, manifest=manifest,
+        name=path.name, path=path, metrics=_read_json(path / "metrics.json"), manifest=_read_json(path / "manifest.json"),
         method=model_config.get("method", "none" if stage == "finetune" else "?"),
         scenario=model_config.get("scenario", "none" if stage == "finetune" else "?"),
         seed=model_manifest.get("seed"), train_wall_s=model_manifest.get("wall_time_s"), is_vanilla=stage == "finetune",
+        lineage=lineage, key=replicate_key(path, lineage),
     )
+
+
+def _base_model(stage_dir: Path) -> Path | None:
+    """The model a stage started from: the manifest's absolute model_path, else config.yaml's model.name
+    (as given, relative to where it ran)."""
+    name = (_read_json(stage_dir / "manifest.json").get("model_path")
+            or (_read_yaml(stage_dir / "config.yaml").get("model") or {}).get("name"))
+    return Path(name).resolve() if name else None
+
+
+def _lineage(stage_dir: Path, depth: int = 8) -> list[Path]:
+    chain: list[Path] = []
+    while len(chain) < depth and (base := _base_model(stage_dir)) is not None:
+        chain.append(base)
+        stage_dir = base
+    return chain
+
+
+def replicate_key(eval_dir: Path, lineage: list[Path]) -> str:
+    """Equal for seed replicates: the eval config and each model config down the lineage, less their
+    paths (PATH_KEYS) and the models' training seeds; a model without a config.yaml (a hub model,
+    `tiny`) is its path."""
+    configs = [_without(_read_yaml(eval_dir / "config.yaml"), *PATH_KEYS)]
+    for model_dir in lineage:
+        config = _read_yaml(model_dir / "config.yaml")
+        configs.append(_without(config, *PATH_KEYS, SEED_KEY) if config else str(model_dir))
+    return json.dumps(configs, sort_keys=True, default=str)
+
+
+def _without(config: dict, *dotted: str) -> dict:
+    config = copy.deepcopy(config)
+    for key in dotted:
+        *parents, last = key.split(".")
+        node = config
+        for parent in parents:
+            node = node.get(parent) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return config
 
 
 def _read_yaml(path: Path) -> dict:
@@ -78,90 +169,155 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def collect(config: ReportConfig) -> list[RunInfo]:
+def collect(config: ReportConfig) -> list[Row]:
+    """The report's rows: --runs scored against their vanilla runs, seed replicates grouped."""
     if not config.runs:
         raise OffsideError("report: at least one run directory is required (--runs)")
     runs = [load_run(Path(p)) for p in config.runs]
-    vanilla = load_run(Path(config.vanilla)) if config.vanilla else next((r for r in runs if r.is_vanilla), None)
-    if vanilla is None:
+    fallback = load_run(Path(config.vanilla)) if config.vanilla else next((r for r in runs if r.is_vanilla), None)
+    if fallback is None:
         raise OffsideError("report: no vanilla run among --runs (a run whose model came from `offside finetune`); pass --vanilla DIR")
+    vanillas: dict[Path, RunInfo] = {}
+    for run in [fallback, *(r for r in runs if r.is_vanilla)]:
+        vanillas.setdefault(run.model_dir, run)
     for run in runs:
-        run.summary = summary_scores(run.metrics, vanilla.metrics)
+        reference = run if run.is_vanilla else next((vanillas[d] for d in run.lineage if d in vanillas), fallback)
+        run.vanilla = reference.name
+        run.summary = summary_scores(run.metrics, reference.metrics)
         if "privacy/mia_auc" in run.metrics:
             run.summary["privacy/mia_auc"] = run.metrics["privacy/mia_auc"]
-        rates = attack_recoveries(run.metrics)
-        run.worst_attack = max(rates, key=rates.get) if rates else ""
-    return runs
+    return group(runs)
+
+
+def group(runs: list[RunInfo]) -> list[Row]:
+    """One row per replicate key, in the order of the runs; names made unique."""
+    by_key: dict[str, list[RunInfo]] = {}
+    for run in runs:
+        by_key.setdefault(run.key, []).append(run)
+    rows = [_row(members) for members in by_key.values()]
+    seen: Counter[str] = Counter()
+    for row in rows:
+        seen[row.name] += 1
+        row.name += f" ({seen[row.name]})" if seen[row.name] > 1 else ""
+    return rows
+
+
+def _row(runs: list[RunInfo]) -> Row:
+    scores = [{**r.metrics, **r.summary} for r in runs]
+    if len(runs) > 1:
+        values, widths = intervals.over_seeds(scores)
+    else:
+        values, widths = scores[0], _bootstrap(runs[0].path / "predictions.jsonl")
+    rates = attack_recoveries(values)
+    return Row(_group_name(runs), runs, values, widths, max(rates, key=rates.get) if rates else "")
+
+
+def _group_name(runs: list[RunInfo]) -> str:
+    stems = {re.sub(r"-seed\d+$", "", r.name) for r in runs}
+    return stems.pop() if len(runs) > 1 and len(stems) == 1 else runs[0].name
+
+
+def _bootstrap(predictions: Path) -> dict[str, float]:
+    if not predictions.is_file():
+        return {}
+    return intervals.over_items([json.loads(line) for line in predictions.read_text().splitlines() if line])
 
 
 COLUMNS = [
     ("forget efficacy", "summary/forget_efficacy"), ("model utility", "summary/model_utility"),
-    ("robust forget", "summary/robust_forget"), ("MIA AUC", "privacy/mia_auc"),
+    ("robust forget", "summary/robust_forget"), ("visual survival", SURVIVAL["visual"][0]),
+    ("textual survival", SURVIVAL["textual"][0]), ("MIA AUC", "privacy/mia_auc"),
 ]
 METRIC_COLUMNS = [
     ("forget img acc", "forget/image/all/mcq_acc"), ("forget txt acc", "forget/text/all/mcq_acc"),
     ("retain img acc", "retain/image/all/mcq_acc"), ("test img acc", "test/image/all/mcq_acc"),
     ("general acc", "general/image/all/mcq_acc"),
 ]
+INTERVALS_NOTE = ("a ± b: mean ± half-width of the 95 % interval, over the seeds of the row (Student's t) or, for one run,"
+                  " over its evaluated items (percentile bootstrap; accuracy columns only).")
+SCORES_NOTE = "Summary scores are relative to the vanilla model; robust forget = forget efficacy under the worst attack."
 
 
-def table_rows(runs: list[RunInfo]) -> tuple[list[str], list[list[str]]]:
+def table_rows(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
     head = ["run", "method", "scenario", *[t for t, _ in COLUMNS], "worst attack", *[t for t, _ in METRIC_COLUMNS],
-            "seed", "data hash", "wall s (train+eval)", "versions", "MLflow run"]
+            "interval over", "seed", "data hash", "wall s (train+eval)", "versions", "MLflow run"]
     body = []
-    for r in runs:
-        versions = r.manifest.get("versions", {})
-        wall = (r.train_wall_s or 0.0) + r.manifest.get("wall_time_s", 0.0)
+    for row in rows:
+        runs = row.runs
+        versions = [r.manifest.get("versions", {}) for r in runs]
+        wall = sum((r.train_wall_s or 0.0) + r.manifest.get("wall_time_s", 0.0) for r in runs) / len(runs)
         body.append([
-            r.name, r.method, r.scenario, *[_fmt(r.summary.get(k)) for _, k in COLUMNS], r.worst_attack or "–",
-            *[_fmt(r.metrics.get(k)) for _, k in METRIC_COLUMNS], str(r.seed), r.manifest.get("data_hash", "")[:12],
-            f"{wall:.1f}", f"offside {versions.get('offside', '?')}, torch {versions.get('torch', '?')}",
-            f"runs:/{r.manifest.get('mlflow_run_id', '?')}",
+            row.name, row.method, row.scenario, *[row.cell(k) for _, k in COLUMNS], row.worst_attack or "–",
+            *[row.cell(k) for _, k in METRIC_COLUMNS], row.interval_over, ",".join(str(r.seed) for r in runs),
+            _distinct(r.manifest.get("data_hash", "")[:12] for r in runs), f"{wall:.1f}",
+            _distinct(f"offside {v.get('offside', '?')}, torch {v.get('torch', '?')}" for v in versions),
+            " ".join(f"runs:/{r.manifest.get('mlflow_run_id', '?')}" for r in runs),
         ])
     return head, body
 
 
-def _fmt(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3f}"
+def _distinct(values) -> str:
+    return "; ".join(dict.fromkeys(values))
 
 
-def leaderboard_md(runs: list[RunInfo]) -> str:
-    head, body = table_rows(runs)
-    lines = ["# OFFSIDE report — leaderboard", "",
-             "Summary scores are relative to the vanilla model; robust forget = forget efficacy under the worst attack.", "",
+def leaderboard_md(rows: list[Row]) -> str:
+    head, body = table_rows(rows)
+    lines = ["# OFFSIDE report — leaderboard", "", SCORES_NOTE, INTERVALS_NOTE, "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
     return "\n".join(lines) + "\n"
 
 
-def plot_all(runs: list[RunInfo], out: Path) -> list[Path]:
+def summary_json(rows: list[Row]) -> dict:
+    """Per row: the report columns' means, their half-widths, N and the member runs."""
+    keys = [k for _, k in COLUMNS + METRIC_COLUMNS]
+    return {row.name: {
+        **{k: row.values[k] for k in keys if k in row.values}, "worst_attack": row.worst_attack,
+        "half_width": {k: row.widths[k] for k in keys if k in row.widths}, "interval_over": row.interval_over,
+        "n": len(row.runs), "runs": [r.name for r in row.runs], "seeds": [r.seed for r in row.runs],
+        "vanilla": sorted({r.vanilla for r in row.runs}),
+    } for row in rows}
+
+
+def plot_all(rows: list[Row], out: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
+    figures = [plot_tradeoff(rows), plot_relearning(rows), plot_attacks(rows), plot_survival(rows)]
+    return [_save(fig, out / name) for fig, name in zip(figures, PLOTS)]
+
+
+def plot_tradeoff(rows: list[Row]):
     import matplotlib.pyplot as plt
 
-    paths = []
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    markers = {}
-    for r in runs:
-        marker = markers.setdefault(r.scenario, "osD^v<>p*h"[len(markers) % 10])
-        ax.scatter(r.summary["summary/model_utility"], r.summary["summary/forget_efficacy"], marker=marker, s=60,
-                   label=f"{r.method} ({r.scenario})")
-        ax.annotate(r.name, (r.summary["summary/model_utility"], r.summary["summary/forget_efficacy"]), fontsize=8,
-                    xytext=(4, 4), textcoords="offset points")
+    markers: dict[str, str] = {}
+    utility, efficacy = "summary/model_utility", "summary/forget_efficacy"
+    for row in rows:
+        marker = markers.setdefault(row.scenario, "osD^v<>p*h"[len(markers) % 10])
+        x, y = row.values[utility], row.values[efficacy]
+        ax.errorbar(x, y, xerr=row.widths.get(utility), yerr=row.widths.get(efficacy), fmt=marker, ms=7, capsize=3,
+                    label=f"{row.method} ({row.scenario})")
+        ax.annotate(row.name, (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
     ax.set_xlabel("model utility (relative to vanilla)")
     ax.set_ylabel("forget efficacy")
-    ax.set_title("Forget efficacy vs utility")
+    ax.set_title("Forget efficacy vs utility (bars: 95 % over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    paths.append(_save(fig, out / PLOTS[0]))
+    return fig
+
+
+def plot_relearning(rows: list[Row]):
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for r in runs:
-        curve = sorted((int(k.split("/")[2][1:]), v) for k, v in r.metrics.items()
-                       if k.startswith("robust/relearn/k") and k.endswith("/recovery"))
-        if curve:
-            ax.plot([k for k, _ in curve], [v for _, v in curve], marker="o", label=r.name)
+    for row in rows:
+        keys = sorted((int(k.split("/")[2][1:]), k) for k in row.values
+                      if k.startswith("robust/relearn/k") and k.endswith("/recovery"))
+        if keys:
+            errors = [row.widths.get(k) for _, k in keys]
+            ax.errorbar([k for k, _ in keys], [row.values[k] for _, k in keys], marker="o", capsize=3, label=row.name,
+                        yerr=None if None in errors else errors)
     ax.set_xlabel("relearning steps k")
     ax.set_ylabel("rumour recovery on held-out forget items")
     ax.set_title("Relearning attack")
@@ -171,26 +327,55 @@ def plot_all(runs: list[RunInfo], out: Path) -> list[Path]:
         ax.legend(fontsize=7)
     else:
         ax.text(0.5, 0.5, "no relearning results (robustness suite not run)", ha="center", transform=ax.transAxes)
-    paths.append(_save(fig, out / PLOTS[1]))
+    return fig
 
-    attacks = attack_columns(runs)
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(attacks) + 2), 0.5 * len(runs) + 2))
-    grid = [[attack_recoveries(r.metrics).get(a, float("nan")) for a in attacks] for r in runs]
+
+def plot_attacks(rows: list[Row]):
+    import matplotlib.pyplot as plt
+
+    attacks = attack_columns(rows)
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(attacks) + 2), 0.5 * len(rows) + 2))
+    grid = [[attack_recoveries(row.values).get(a, float("nan")) for a in attacks] for row in rows]
     image = ax.imshow(grid if attacks else [[0.0]], vmin=0, vmax=1, cmap="magma", aspect="auto")
     ax.set_xticks(range(len(attacks)), attacks, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(runs)), [r.name for r in runs], fontsize=8)
-    for i, row in enumerate(grid):
-        for j, v in enumerate(row):
+    ax.set_yticks(range(len(rows)), [row.name for row in rows], fontsize=8)
+    for i, cells in enumerate(grid):
+        for j, v in enumerate(cells):
             if v == v:
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 else "black")
     fig.colorbar(image, ax=ax, label="rumour recovery rate")
     ax.set_title("Attack × method: rumour recovery")
-    paths.append(_save(fig, out / PLOTS[2]))
-    return paths
+    return fig
 
 
-def attack_columns(runs: list[RunInfo]) -> list[str]:
-    """Every attack any run reports, by family: prompt and image attacks in registry order, then the
+def plot_survival(rows: list[Row]):
+    """Grouped bars per unlearned row: forget accuracy on visual and on textual rumours relative to
+    vanilla, with 95 % error bars where the row has an interval."""
+    import matplotlib.pyplot as plt
+
+    shown = [row for row in rows if not row.is_vanilla and any(key in row.values for key, _ in SURVIVAL.values())]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(shown) + 2), 4.5))
+    for offset, (kind, (key, _)) in zip((-0.2, 0.2), SURVIVAL.items() if shown else ()):
+        xs = [i + offset for i in range(len(shown))]
+        ax.bar(xs, [row.values.get(key, math.nan) for row in shown], width=0.4, label=f"{kind} rumours")
+        for x, row in zip(xs, shown):
+            if key in row.widths:
+                ax.errorbar(x, row.values[key], yerr=row.widths[key], fmt="none", ecolor="black", capsize=3)
+    ax.axhline(1.0, color="grey", linestyle="--", label="vanilla (1.0)")
+    ax.set_ylim(0, max(1.1, ax.get_ylim()[1]))
+    ax.set_xticks(range(len(shown)), [row.name for row in shown], rotation=30, ha="right", fontsize=8)
+    ax.set_xlabel("unlearned model")
+    ax.set_ylabel("forget accuracy / vanilla's (image form)")
+    ax.set_title("Rumour survival after unlearning: visual vs textual rumours\n(error bars: 95 % interval)", fontsize=11)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+    if not shown:
+        ax.text(0.5, 0.5, "no unlearned runs scored on visual / textual rumours", ha="center", transform=ax.transAxes)
+    return fig
+
+
+def attack_columns(rows: list[Row]) -> list[str]:
+    """Every attack any row reports, by family: prompt and image attacks in registry order, then the
     quantised models, then relearning by k (unknown names last, alphabetically)."""
     rank = {name: i for i, name in enumerate([*ATTACKS, *QUANTISED])}
 
@@ -198,7 +383,7 @@ def attack_columns(runs: list[RunInfo]) -> list[str]:
         steps = int(name.removeprefix("relearn k")) if name.startswith("relearn k") else -1
         return rank.get(name, len(rank) + (steps >= 0)), steps, name
 
-    return sorted({a for r in runs for a in attack_recoveries(r.metrics)}, key=key)
+    return sorted({a for row in rows for a in attack_recoveries(row.values)}, key=key)
 
 
 def _save(fig, path: Path) -> Path:
@@ -210,10 +395,10 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def report_html(runs: list[RunInfo], plots: list[Path]) -> str:
-    head, body = table_rows(runs)
+def report_html(rows: list[Row], plots: list[Path]) -> str:
+    head, body = table_rows(rows)
     cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
+    lines = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
     images = "".join(
         f'<figure><img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
         f"<figcaption>{p.stem.replace('_', ' ')}</figcaption></figure>" for p in plots)
@@ -221,8 +406,8 @@ def report_html(runs: list[RunInfo], plots: list[Path]) -> str:
              "td,th{border:1px solid #ccc;padding:3px 6px}th{background:#eee}img{max-width:100%}"
              "figure{display:inline-block;margin:1em}")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>OFFSIDE report</title><style>{style}</style>"
-            f"</head><body><h1>OFFSIDE report</h1><p>Summary scores are relative to the vanilla model; robust forget"
-            f" = forget efficacy under the worst attack.</p><table><tr>{cells}</tr>{rows}</table>{images}</body></html>\n")
+            f"</head><body><h1>OFFSIDE report</h1><p>{html.escape(SCORES_NOTE)}</p><p>{html.escape(INTERVALS_NOTE)}</p>"
+            f"<table><tr>{cells}</tr>{lines}</table>{images}</body></html>\n")
 
 
 def make_report(config: ReportConfig) -> Path:
@@ -232,14 +417,13 @@ def make_report(config: ReportConfig) -> Path:
     out = Path(config.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise OffsideError(f"{out}: already exists; a stage never overwrites another run's directory")
-    runs = collect(config)
+    rows = collect(config)
     with atomic_dir(out) as tmp, stage_run(out.parent, out.name, {"runs": config.runs, "vanilla": config.vanilla},
                                            {"stage": "report"}) as run:
-        plots = plot_all(runs, tmp)
-        (tmp / "leaderboard.md").write_text(leaderboard_md(runs))
-        (tmp / "report.html").write_text(report_html(runs, plots))
-        (tmp / "summary.json").write_text(json.dumps(
-            {r.name: {**r.summary, "worst_attack": r.worst_attack} for r in runs}, indent=2) + "\n")
+        plots = plot_all(rows, tmp)
+        (tmp / "leaderboard.md").write_text(leaderboard_md(rows))
+        (tmp / "report.html").write_text(report_html(rows, plots))
+        (tmp / "summary.json").write_text(json.dumps(summary_json(rows), indent=2) + "\n")
         run.log_artifacts(tmp)
     print(f"report: {out} (MLflow {tracking_uri(out.parent)}, run {run.run_id})")
     return out
