@@ -10,6 +10,7 @@ import importlib
 import json
 import os
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -42,7 +43,8 @@ def _config(cls, args, flag_keys: dict[str, str], base: dict | None = None):
     return from_dict(cls, deep_merge(data, _overrides(args, flag_keys)), args.config or "command line")
 
 
-FINETUNE_FLAGS = {"data": "data", "out": "out", "model": "model.name", "split": "split", "epochs": "train.epochs", "lr": "train.lr", "seed": "train.seed"}
+FINETUNE_FLAGS = {"data": "data", "out": "out", "model": "model.name", "split": "split", "epochs": "train.epochs", "lr": "train.lr",
+                  "seed": "train.seed", "phrasings": "phrasings"}
 UNLEARN_FLAGS = {"data": "data", "out": "out", "model": "model.name", "method": "method", "scenario": "scenario",
                  "forget_fraction": "forget_fraction", "epochs": "train.epochs", "lr": "train.lr", "seed": "train.seed"}
 RELEARN_FLAGS = {"data": "data", "out": "out", "model": "model.name", "epochs": "train.epochs", "lr": "train.lr", "seed": "train.seed"}
@@ -79,8 +81,9 @@ def cmd_finetune(args) -> None:
     from offside.recipes import finetune_recipe
     from offside.stages import FinetuneConfig, finetune
 
-    model = _config(FinetuneConfig, args, FINETUNE_FLAGS).model.name  # the recipe depends on the model chosen
-    _print_result(finetune(_config(FinetuneConfig, args, FINETUNE_FLAGS, finetune_recipe(model))))
+    model = _config(FinetuneConfig, args, FINETUNE_FLAGS).model.name  # the recipe depends on the model chosen,
+    phrasings = _config(FinetuneConfig, args, FINETUNE_FLAGS, finetune_recipe(model)).phrasings  # and its epochs on the phrasings
+    _print_result(finetune(_config(FinetuneConfig, args, FINETUNE_FLAGS, finetune_recipe(model, phrasings))))
 
 
 def cmd_unlearn(args) -> None:
@@ -121,6 +124,19 @@ def cmd_matrix(args) -> None:
     run_matrix(_config(MatrixConfig, args, MATRIX_FLAGS, recipe_config(args.recipe) if args.recipe else None))
 
 
+def cmd_findings(args) -> None:
+    from offside.report.findings import findings, render
+
+    def rows(directory: str | None) -> list[dict]:
+        path = os.path.join(directory, "results.json") if directory else ""
+        if path and not os.path.isfile(path):
+            raise OffsideError(f"{directory}: no results.json (a directory written by `offside matrix`)")
+        return json.loads(Path(path).read_text()) if path else []
+
+    matrix = rows(args.matrix)
+    print(render(findings(matrix, rows(args.attacks)), max(len(row.get("runs") or [row]) for row in matrix)))
+
+
 def cmd_export(args) -> None:
     from offside.stages import export_merged
 
@@ -138,7 +154,7 @@ def _stage_parser(sub, name: str, help_text: str, flags: dict[str, str], func) -
     p = sub.add_parser(name, help=help_text)
     p.add_argument("--config", help="YAML config file (flags override it)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key, e.g. train.lr=1e-4")
-    types = {"epochs": int, "lr": float, "seed": int, "seeds": int, "forget_fraction": float, "methods": _names, "scenarios": _names, "suite": _names}
+    types = {"phrasings": int, "epochs": int, "lr": float, "seed": int, "seeds": int, "forget_fraction": float, "methods": _names, "scenarios": _names, "suite": _names}
     for flag in flags:
         name = f"--{flag.replace('_', '-')}"
         if flag in SWITCHES:  # default None, not False: an unset switch must not override the config file
@@ -188,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     matrix = _stage_parser(sub, "matrix", "every method × scenario from one vanilla model → leaderboard", MATRIX_FLAGS, cmd_matrix)
     matrix.add_argument("--recipe", choices=["published", "tiny"], help="training specs and method arguments to start from")
+
+    found = sub.add_parser("findings", help="the paper's five findings from matrix runs, with intervals over seeds")
+    found.add_argument("--matrix", required=True, metavar="DIR", help="an `offside matrix` output directory")
+    found.add_argument("--attacks", metavar="DIR", help="a matrix evaluated with the prompt attacks (finding 5)")
+    found.set_defaults(func=cmd_findings)
 
     export = sub.add_parser("export", help="merge a LoRA stage's adapter into its base: a plain model directory")
     export.add_argument("--model", required=True, metavar="DIR", help="an adapter directory (or any model directory)")
