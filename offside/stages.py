@@ -112,7 +112,9 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> StageResult:
     rows = [r for split in FINETUNE_SPLITS[config.split] for r in materialise(bench[split])]
     streams = {"train": with_phrasings(training_rows(rows, config.modalities), config.phrasings, config.train.seed)}
     texts = [t for split in bench.values() for column in ("question", "answer") for t in split[column]]
-    model, processor = build_or_load(config.model, texts + [r["question"] for r in streams["train"]], seed=config.train.seed)
+    if config.phrasings > 1:  # the other wordings' words join the tiny tokenizer's text (one wording: all in it already)
+        texts += [r["question"] for r in streams["train"]]
+    model, processor = build_or_load(config.model, texts, seed=config.train.seed)
     manifest: dict = {}
 
     def body(out: Path, run: Run) -> dict[str, float]:
