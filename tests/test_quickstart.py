@@ -70,6 +70,7 @@ def test_report_reads_method_and_seed_of_the_models_the_sweep_exported(quickstar
         assert row.startswith(f"| eval-{method} | {method} | complete |") and "| 0 |" in row  # seed 0
 
 
+@pytest.mark.slow  # ~4 min; .ci/run runs it after the default suite
 def test_seeds_train_a_vanilla_model_per_seed_and_show_intervals(tmp_path):
     """`--seeds 2 --phrasings 2` on 2 players: each seed its own vanilla model (trained on two wordings
     per question, for half the epochs) and unlearning, the leaderboard their mean ± interval."""
