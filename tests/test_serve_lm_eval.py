@@ -77,9 +77,9 @@ def _task(root: Path, rows: list[dict], processor) -> Path:
 def _harness(url: str, model: str, tokenizer: Path, task: Path, out: Path) -> tuple[float, list[list[float]]]:
     """`lm_eval --model local-completions` against the server: (acc, per row the options' log-likelihoods)."""
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OPENAI_API_KEY": TOKEN}
-    args = f"model={model},base_url={url}/v1/completions,tokenizer={tokenizer},tokenizer_backend=huggingface,batch_size=8,max_retries=1"
+    args = f"model={model},base_url={url}/v1/completions,tokenizer={tokenizer},tokenizer_backend=huggingface,max_retries=1"
     done = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args", args,
-                           "--tasks", TASK, "--include_path", str(task), "--output_path", str(out), "--log_samples"],
+                           "--tasks", TASK, "--include_path", str(task), "--batch_size", "8", "--output_path", str(out), "--log_samples"],
                           env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     (results,) = out.rglob("results_*.json")
