@@ -165,6 +165,24 @@ def _timed_events(url, **body) -> list[tuple[float, object]]:
     return events
 
 
+def test_stream_sends_openai_chunks_that_add_up_to_the_greedy_answer(server, rows):
+    messages = [_user(rows[0])]
+    whole = _ok(server, messages=messages)
+    events = _events(server, messages=messages, stream_options={"include_usage": True})
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    deltas = [c["choices"][0]["delta"]["content"] for c in chunks[1:] if c["choices"] and c["choices"][0]["delta"].get("content")]
+    assert "".join(deltas) == whole["choices"][0]["message"]["content"]
+    assert 2 <= len(deltas) <= whole["usage"]["completion_tokens"]  # token by token (steps merge when the reader lags)
+    reasons = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+    assert reasons[-1] == whole["choices"][0]["finish_reason"] and not any(reasons[:-1])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]  # include_usage: the last chunk
+    plain = _events(server, messages=messages)
+    assert all("usage" not in c for c in plain[:-1]) and plain[-1] == "[DONE]"
+
+
 def test_stream_sends_each_token_as_it_is_generated(server, rows):
     """Tokens reach the client while the generation goes on: one content delta per decoding step (a
     long sampled answer), the first long before the finish chunk, in order; the deltas and their
