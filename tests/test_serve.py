@@ -454,7 +454,7 @@ def test_offside_serve_exits_after_sigint_under_load_five_times_in_a_row(models)
                 except requests.RequestException:
                     answered.append(None)  # the server went away mid-request
 
-        threads = [threading.Thread(target=clients, args=(m, s), daemon=True) for m in ("v", "a1") for s in (False, True)] * 2
+        threads = [threading.Thread(target=clients, args=(m, s), daemon=True) for m in ("v", "a1") for s in (False, True) for _ in range(2)]
         for thread in threads:
             thread.start()
         deadline = time.time() + 120
