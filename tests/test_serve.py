@@ -5,6 +5,7 @@ as a full-weight model; LRU capacity 2 so three models force evictions."""
 import base64
 import http.client
 import io
+import itertools
 import json
 import os
 import signal
@@ -440,12 +441,11 @@ def test_offside_serve_exits_after_sigint_under_load_five_times_in_a_row(models)
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
         proc = _offside_serve(models, port)
-        _wait_healthy(proc, url)
         stop = threading.Event()
         answered = []
 
         def clients(model: str, stream: bool) -> None:
-            body = {"model": model, "messages": [{"role": "user", "content": "Who is this? " * 8}], "max_tokens": 64,
+            body = {"model": model, "messages": [{"role": "user", "content": "Who is this? " * 8}], "max_tokens": 16,
                     "temperature": 1.0, "stream": stream}
             while not stop.is_set():
                 try:
@@ -454,15 +454,19 @@ def test_offside_serve_exits_after_sigint_under_load_five_times_in_a_row(models)
                 except requests.RequestException:
                     answered.append(None)  # the server went away mid-request
 
-        threads = [threading.Thread(target=clients, args=(m, s), daemon=True) for m in ("v", "a1") for s in (False, True) for _ in range(2)]
-        for thread in threads:
-            thread.start()
-        deadline = time.time() + 120
-        while answered.count(200) < 20 and time.time() < deadline:
-            time.sleep(0.5)
-        assert answered.count(200) >= 20, (attempt, answered[-10:])
-        seconds, output = _interrupt(proc, SHUTDOWN_BOUND_S)
-        stop.set()
+        try:
+            _wait_healthy(proc, url)
+            for model, stream, _ in itertools.product(("v", "a1"), (False, True), range(2)):
+                threading.Thread(target=clients, args=(model, stream), daemon=True).start()
+            deadline = time.time() + 300
+            while answered.count(200) < 250 and time.time() < deadline:  # > 64 KiB of replica log lines
+                time.sleep(0.5)
+            assert answered.count(200) >= 250, (attempt, answered[-10:])
+            seconds, output = _interrupt(proc, SHUTDOWN_BOUND_S)
+        finally:
+            stop.set()
+            if proc.poll() is None:
+                proc.kill()
         assert proc.returncode == 0, (attempt, round(seconds), output[-2000:])
         print(f"attempt {attempt}: exited {seconds:.1f} s after SIGINT, {answered.count(200)} answers")
 
