@@ -152,7 +152,7 @@ def test_completions_score_each_adapter_as_its_merged_model(server, models):
     row = _forget_item(data, "gen")
     ids = processor.tokenizer(processor.prompt(row["question"], False) + "His name is", add_special_tokens=False)["input_ids"]
     served = {}
-    for name in ("a1", "a2", "vanilla"):
+    for name in ("vanilla", "a2", "a1"):  # a1 last: the LRU cache holds a2 and a1 afterwards, as the LRU test expects
         response = _post(server, "/v1/completions", {"model": name, "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 0})
         assert response.status_code == 200, response.text
         served[name] = response.json()["choices"][0]["logprobs"]["token_logprobs"][1:]
