@@ -102,7 +102,8 @@ def failure(err: Exception) -> tuple[int, str, str]:
 
 class BodyLimit:
     """Refuses request bodies over `limits.max_body_bytes` with a 413: a declared length before anything
-    is read, and every body (chunked too) by counting its bytes as they stream in."""
+    is read, and every body (chunked too) by counting its bytes as they stream in. Also the one place
+    every `receive` passes: a client that went away is an ASGI disconnect there."""
 
     def __init__(self, app):
         self.app = app
@@ -118,7 +119,13 @@ class BodyLimit:
 
         async def counted():
             nonlocal received
-            message = await receive()
+            try:
+                message = await receive()
+            except ray.exceptions.TaskCancelledError:
+                # Serve's proxy cancels its side when the client goes away; Serve passes that on as an
+                # error (only a missing request is a disconnect there), which a streaming response's
+                # disconnect listener raised out of a task nobody awaits. It is a disconnect: say so.
+                return {"type": "http.disconnect"}
             received += len(message.get("body", b""))
             if received > limit:
                 # FastAPI re-raises HTTP exceptions from reading the body; the handler below answers them

@@ -188,13 +188,17 @@ def test_stream_sends_each_token_as_it_is_generated(server, rows):
     long sampled answer), the first long before the finish chunk, in order; the deltas and their
     log-probabilities add up to the non-streamed answer."""
     messages = [_user(rows[0])]
-    sampled = dict(messages=messages, temperature=2, seed=5, max_tokens=120, logprobs=True)
-    whole = _ok(server, **sampled)["choices"][0]
+    for seed in range(20):  # a sampled answer long enough to watch (the end of turn may come early)
+        sampled = dict(messages=messages, temperature=2, seed=seed, max_tokens=120, logprobs=True)
+        whole = _ok(server, **sampled)["choices"][0]
+        if len(whole["logprobs"]["content"]) >= 30:
+            break
     events = _timed_events(server, **sampled)
     contents = [(t, e["choices"][0]) for t, e in events
                 if e != "[DONE]" and "role" not in e["choices"][0]["delta"] and not e["choices"][0]["finish_reason"]]
     finish = next(t for t, e in events if e != "[DONE]" and e["choices"][0]["finish_reason"])
-    assert len(contents) >= 10, f"{len(contents)} content deltas for {len(whole['logprobs']['content'])} tokens"
+    # One delta per decoding step, fewer when steps merge because the reader lags (a busy machine).
+    assert len(contents) >= 5, f"{len(contents)} content deltas for {len(whole['logprobs']['content'])} tokens"
     assert contents[0][0] < contents[len(contents) // 2][0] < finish  # the first arrived while generation went on
     assert "".join(c["delta"]["content"] for _, c in contents) == whole["message"]["content"]
     assert [e for _, c in contents for e in c["logprobs"]["content"]] == whole["logprobs"]["content"]
@@ -401,8 +405,8 @@ def test_a_client_leaving_mid_stream_stops_cleanly(server, rows):
     """The client closes the connection after a few deltas: the server goes on serving, and no task is
     left with an exception nobody retrieved (asyncio's 'Task exception was never retrieved')."""
     long = {"messages": [_user(rows[0])], "temperature": 2, "max_tokens": 200}
-    for n in (1, 2):
-        response = _sse(server, long | {"n": n, "seed": n})
+    for attempt, n in enumerate((1, 2, 1, 2)):
+        response = _sse(server, long | {"n": n, "seed": attempt})
         contents = 0
         for line in response.iter_lines(chunk_size=1, decode_unicode=True):
             contents += '"content": "' in line and '"role"' not in line
