@@ -30,6 +30,7 @@ class Limits:
     max_image_bytes: int = 8_000_000  # decoded image file
     max_image_pixels: int = 4096 * 4096  # checked from the header, before decoding (decompression bombs)
     max_prompt_chars: int = 4000
+    max_prompt_tokens: int = 2048  # a /v1/completions prompt (what lm-evaluation-harness sends by default)
     max_tokens: int = 256
     max_options: int = 8
     max_option_chars: int = 500
@@ -140,6 +141,14 @@ def _entry(name: str, value) -> ModelEntry:
     if not (path / "config.json").is_file():
         raise OffsideError(f"{where}: {path} is neither a model directory (config.json) nor an adapter ({ADAPTER_FILE})")
     return ModelEntry(name, str(path), None)
+
+
+def tokenizer_dir(entry: ModelEntry) -> str:
+    """The directory with the model's tokenizer: the model's, or its base's (through adapter bases)."""
+    path = Path(entry.base or entry.path)
+    while (path / ADAPTER_FILE).is_file():
+        path = Path(adapter_base(path))
+    return str(path)
 
 
 def read_token(token_file: str | None) -> str | None:
