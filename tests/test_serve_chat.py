@@ -284,7 +284,8 @@ def test_a_body_that_is_not_json_is_a_400_naming_the_problem(server, raw, named)
 
 def test_healthz_answers_while_a_batch_computes(server, rows):
     """The probe replica computes on its own thread: its event loop answers /healthz's ping meanwhile
-    (with the compute on the loop, a poll waited for the batch: ~1.4 s here)."""
+    (with the compute on the loop, a poll waited for the batch: ~1.4 s here). Measured side by side,
+    not against a clock: a blocked loop makes a ping wait about as long as the busy period."""
     images = [{"type": "image_url", "image_url": {"url": _png(r["image"])}} for r in rows * 2]
     heavy = {"messages": [{"role": "user", "content": images + [{"type": "text", "text": rows[0]["question"] * 30}]}],
              "temperature": 2, "n": 4, "max_tokens": 200}
@@ -299,7 +300,7 @@ def test_healthz_answers_while_a_batch_computes(server, rows):
             time.sleep(0.05)
         busy_s = time.perf_counter() - started
         assert all(len(f.result()["choices"]) == 4 for f in busy)
-    assert len(latencies) >= 5 and max(latencies) < 1.0, (sorted(latencies)[-5:], busy_s)
+    assert len(latencies) >= 5 and max(latencies) < busy_s / 4, (sorted(latencies)[-5:], busy_s)
 
 
 def test_the_official_openai_client_chats_streams_and_gets_clear_errors(server, rows):
