@@ -67,8 +67,12 @@ def test_accumulated_micro_batches_are_one_batch(base):
     rows = [{**row, "answer": row["answer"] + " He plays football." * (i % 3)} for i, row in enumerate(_rows(8))]
     one, _ = _fit(base, TrainSpec(epochs=1, lr=3e-3, batch_size=4, warmup_ratio=0.0), streams={"train": rows})
     two, _ = _fit(base, TrainSpec(epochs=1, lr=3e-3, batch_size=2, grad_accum=2, warmup_ratio=0.0), streams={"train": rows})
+    # Adam divides by sqrt(v): a weight whose gradient is almost zero moves by float noise that differs
+    # with summation order (and CPU capability), so agreement is measured against the step's own size.
+    # A per-micro-batch token mean moves weights by a sizeable fraction of a step.
+    step = max((a - b).abs().max().item() for a, b in zip(one.parameters(), base[0].parameters()))
     for (name, a), b in zip(one.named_parameters(), two.parameters()):
-        torch.testing.assert_close(a, b, msg=name)
+        torch.testing.assert_close(a, b, rtol=0, atol=0.01 * step, msg=name)
 
 
 @pytest.mark.parametrize("lora, accum", [(False, 1), (True, 1), (False, 3)])
