@@ -132,6 +132,7 @@ def _load_adapter(path: Path, dtype: torch.dtype):
 
     model, tokenizer, _ = _load_pretrained(adapter_base(path), dtype)
     merged = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    merged.requires_grad_(True)  # PEFT froze the base: merged, it trains like any saved model (a full relearn)
     merged.config._name_or_path = str(path.resolve())
     return merged, tokenizer, _saved_image_size(path)
 
