@@ -116,7 +116,7 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> StageResult:
     texts = [t for split in bench.values() for column in ("question", "answer") for t in split[column]]
     if config.phrasings > 1:  # the other wordings' words join the tiny tokenizer's text (one wording: all in it already)
         texts += [r["question"] for r in streams["train"]]
-    model, processor = build_or_load(_loadable(config.model, models), texts, seed=config.train.seed)
+    model, processor = build_or_load(models.spec(config.model), texts, seed=config.train.seed)
     manifest: dict = {}
 
     def body(out: Path, run: Run) -> dict[str, float]:
@@ -133,14 +133,14 @@ def unlearn(config: UnlearnConfig, progress: bool = True, vanilla_check: dict | 
     check_out(config.out)
     get_method(config.method, config.method_args)  # a bad method or argument fails before any download
     config, models = _started(config)
-    method = get_method(config.method, config.method_args | _reference_path(models))
+    method = get_method(config.method, models.method_args(config.method_args))
     bench = load_benchmark(config.data)
     forget, retain = select(bench, config.scenario)
     forget = forget_share(forget, config.forget_fraction, config.train.seed)
     streams = {"forget": training_rows(materialise(forget), config.modalities),
                "retain": training_rows(materialise(retain), config.modalities)}
     relearn_rows = training_rows(materialise(bench["relearn"]), config.modalities) if config.scenario == "relearning" else []
-    model, processor = build_or_load(_loadable(config.model, models), seed=config.train.seed)
+    model, processor = build_or_load(models.spec(config.model), seed=config.train.seed)
     manifest = {"vanilla_check": vanilla_check or checked(model, processor, bench, config.model.name)}
     tags = {"stage": "unlearn", "method": config.method, "scenario": config.scenario}
 
@@ -161,7 +161,7 @@ def relearn(config: RelearnConfig, progress: bool = True) -> StageResult:
     check(config.eval)
     config, models = _started(config)
     bench = load_benchmark(config.data)
-    model, processor = build_or_load(_loadable(config.model, models), seed=config.train.seed)
+    model, processor = build_or_load(models.spec(config.model), seed=config.train.seed)
     streams = {"train": training_rows(materialise(bench["relearn"]), config.modalities)}
     rows = {split: materialise(bench[split]) for split in config.eval.splits}
 
@@ -179,10 +179,10 @@ def evaluate_model(config: EvalConfig, progress: bool = True) -> StageResult:
     check_suites(config.suites, config.robustness)
     config, models = _started(config)
     bench = load_benchmark(config.data)
-    model, processor = build_or_load(_loadable(config.model, models))
+    model, processor = build_or_load(models.spec(config.model))
     rows = {split: materialise(bench[split]) for split in bench}
     if config.robustness.relearn_lora is None:  # a LoRA stage is attacked as it was trained: with LoRA (config.yaml says so)
-        config = replace(config, robustness=replace(config.robustness, relearn_lora=adapter_lora(Path(models["model"].path))))
+        config = replace(config, robustness=replace(config.robustness, relearn_lora=adapter_lora(Path(models.model.path))))
     robustness = config.robustness
 
     def body(out: Path, run: Run) -> dict[str, float]:
@@ -259,7 +259,7 @@ def _fit_and_save(out: Path, run: Run, model, processor, objective, streams, spe
     return {f"final/{k}": v for k, v in final.items() if isinstance(v, (int, float))} | {"steps": result.steps}
 
 
-def run_stage(stage: str, config, models: dict[str, LocalModel], tags: dict[str, str], body: Callable[[Path, Run], dict],
+def run_stage(stage: str, config, models: StageModels, tags: dict[str, str], body: Callable[[Path, Run], dict],
               manifest: dict | None = None) -> StageResult:
     """Runs `body` in a temp directory beside `config.out` and renames it into place on success;
     on failure the temp directory is removed and the MLflow run is marked FAILED. `manifest`: extra
@@ -312,29 +312,40 @@ def atomic_dir(out: Path):
         raise
 
 
+@dataclass(frozen=True)
+class StageModels:
+    """The models a stage names, resolved once at its start (`_started`): what everything after loads."""
+
+    model: LocalModel
+    reference: LocalModel | None = None  # a method's reference model (method_args.reference), if a model
+
+    def spec(self, spec: ModelSpec) -> ModelSpec:
+        return replace(spec, name=self.model.path)
+
+    def method_args(self, args: dict) -> dict:
+        return args | {"reference": self.reference.path} if self.reference else args
+
+    def manifest(self) -> dict:
+        """Registry URI and version of the model (None for a directory) and of a registered reference."""
+        reference = self.reference.manifest("reference") if self.reference and self.reference.version else {}
+        return self.model.manifest("model") | reference
+
+
 def _started(config):
     """A stage's start: its config with its paths absolute (config.yaml, the manifest and the MLflow
-    params are read from anywhere), and each model it names (the model; a method's reference model)
-    resolved once to what loads here: a registry URI, looked up in the tracking store the stage's own
-    run uses, to its downloaded directory. config.yaml keeps the URI; the manifest adds its version."""
+    params are read from anywhere), and the models it names resolved once to what loads here: a
+    registry URI, looked up in the tracking store the stage's own run uses, to its downloaded
+    directory. config.yaml keeps the URI; the manifest adds its version."""
     out = Path(config.out).resolve()
     store = tracking_uri(out.parent)
-    models = {"model": local_model(config.model.name, store)}
+    model = local_model(config.model.name, store)
     config = replace(config, out=str(out), data=str(Path(config.data).resolve()) if config.data else "",
-                     model=replace(config.model, name=models["model"].name))
+                     model=replace(config.model, name=model.name))
     reference = getattr(config, "method_args", {}).get("reference")
-    if isinstance(reference, str) and reference != "vanilla":
-        models["reference"] = local_model(reference, store)
-        config = replace(config, method_args=config.method_args | {"reference": models["reference"].name})
-    return config, models
-
-
-def _loadable(spec: ModelSpec, models: dict[str, LocalModel]) -> ModelSpec:
-    return replace(spec, name=models["model"].path)
-
-
-def _reference_path(models: dict[str, LocalModel]) -> dict:
-    return {"reference": models["reference"].path} if "reference" in models else {}
+    if not isinstance(reference, str) or reference == "vanilla":
+        return config, StageModels(model)
+    reference = local_model(reference, store)
+    return replace(config, method_args=config.method_args | {"reference": reference.name}), StageModels(model, reference)
 
 
 def check_out(out: str) -> Path:
@@ -347,7 +358,7 @@ def check_out(out: str) -> Path:
     return path
 
 
-def _manifest(stage: str, config, models: dict[str, LocalModel], started: float, run_id: str) -> dict:
+def _manifest(stage: str, config, models: StageModels, started: float, run_id: str) -> dict:
     import deepspeed
     import torch
     import transformers
@@ -369,15 +380,13 @@ def _manifest(stage: str, config, models: dict[str, LocalModel], started: float,
     }
 
 
-def _model_manifest(config, models: dict[str, LocalModel]) -> dict:
+def _model_manifest(config, models: StageModels) -> dict:
     """The model a stage started from and how it ran: path, revision, content hash, registry URI and
     version (a reference model's too), dtype, device type, world size and ZeRO stage."""
     import torch.distributed as dist
 
     train = getattr(config, "train", None)
-    reference = models.get("reference")
-    registered = models["model"].manifest("model") | (reference.manifest("reference") if reference and reference.version else {})
-    return {**model_provenance(models["model"].path), **registered, "dtype": config.model.dtype,
+    return {**model_provenance(models.model.path), **models.manifest(), "dtype": config.model.dtype,
             "device": resolve_device(config.model.device).type,
             "world_size": dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1,
             "zero_stage": train.zero_stage if train else None}
