@@ -23,6 +23,7 @@ from offside.models.loading import LoraSpec, ModelSpec, build_or_load, save
 from offside.registry import CHAMPION, Objective, register, resolve
 from offside.tracking import tracking_uri
 from serve.settings import load_settings, registry
+from test_paths import relative_to_cwd
 
 GOLDEN = Path("tests/golden").resolve()
 OBJECTIVE = "summary/forget_efficacy"
@@ -117,6 +118,7 @@ def test_eval_and_relearn_of_a_registered_adapter_resolve_it_once(on_server, ada
         assert (manifest["model_uri"], manifest["model_version"], manifest["model_path"]) == ("models:/offside-ga@champion", "1", str(cached))
         assert config["model"]["name"] == "models:/offside-ga@champion"
         assert (config["out"], config["data"], manifest["data"]) == (str(run_dir), str(GOLDEN / "data"), str(GOLDEN / "data"))
+        assert relative_to_cwd([config, manifest, json.loads((run_dir / "metrics.json").read_text())], tmp_path) == []
     evaluated = yaml.safe_load((tmp_path / "runs" / "eval" / "config.yaml").read_text())
     assert (evaluated["robustness"]["relearn_lora"]["r"], evaluated["robustness"]["relearn_lora"]["alpha"]) == (4, 8)
     relearned = build_or_load(ModelSpec(str(tmp_path / "runs" / "relearn")))[0].state_dict()
