@@ -75,10 +75,13 @@ class Objective:
 
     @classmethod
     def recorded(cls, tags: dict[str, str]) -> Objective | None:
-        """The objective a version's tags record, or None."""
+        """The objective a version's tags record, or None (none, or not one this module wrote)."""
         if not {"objective", "objective_metric", "objective_direction"} <= set(tags):
             return None
-        return cls(tags["objective_metric"], float(tags["objective"]), tags["objective_direction"])
+        try:
+            return cls(tags["objective_metric"], float(tags["objective"]), tags["objective_direction"])
+        except (ValueError, OffsideError):
+            return None
 
 
 @dataclass(frozen=True)
