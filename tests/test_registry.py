@@ -232,7 +232,7 @@ def test_registered_stages_resolve_behind_basic_auth(auth_server, tmp_path, monk
     assert {k: second.tags[k] for k in ("method", "scenario", "stage", "data_hash")} == \
         {"method": "ga", "scenario": "complete", "stage": "unlearn", "data_hash": manifest["data_hash"]}
     metrics = json.loads((tmp_path / "ga-2" / "metrics.json").read_text())
-    assert {m.key: m.value for m in client.get_logged_model(second.model_id).metrics} == pytest.approx(metrics)
+    assert {m.key: m.value for m in client.get_logged_model(second.tags["offside.logged_model"]).metrics} == pytest.approx(metrics)
 
     resolved = resolve("models:/offside-ga/2")
     weights = {name: build_or_load(ModelSpec(str(path)))[0].state_dict() for name, path in
