@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     found.set_defaults(func=cmd_findings)
 
     export = sub.add_parser("export", help="merge a LoRA stage's adapter into its base: a plain model directory")
-    export.add_argument("--model", required=True, metavar="DIR", help="an adapter directory (or any model directory)")
+    export.add_argument("--model", required=True, metavar="DIR", help="an adapter directory (or any model directory, or a registry URI models:/NAME@ALIAS)")
     export.add_argument("--out", required=True)
     export.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16")
     export.set_defaults(func=cmd_export)
