@@ -95,7 +95,7 @@ def cmd_unlearn(args) -> None:
     if args.register and is_main_rank():
         from offside.registry import register_stage
 
-        print(f"registered models:/{args.register}/{register_stage(result.run_dir, args.register)} (alias best)")
+        print(f"registered {register_stage(result.run_dir, args.register)}")
 
 
 def cmd_relearn(args) -> None:
@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _stage_parser(sub, "finetune", "fine-tune the vanilla model (learns facts and rumours)", FINETUNE_FLAGS, cmd_finetune)
     unlearn = _stage_parser(sub, "unlearn", "run an unlearning method in a scenario", UNLEARN_FLAGS, cmd_unlearn)
-    unlearn.add_argument("--register", metavar="NAME", help="register the unlearned model in the MLflow Model Registry as NAME (alias best)")
+    unlearn.add_argument("--register", metavar="NAME", help="register the unlearned model in the MLflow Model Registry as a new version of NAME")
     _stage_parser(sub, "relearn", "corrective relearning: fine-tune on the true facts, then evaluate", RELEARN_FLAGS, cmd_relearn)
     _stage_parser(sub, "eval", "evaluate a model: --suite efficacy,generalization,utility,robustness (default all)", EVAL_FLAGS, cmd_eval)
 
@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     found.set_defaults(func=cmd_findings)
 
     export = sub.add_parser("export", help="merge a LoRA stage's adapter into its base: a plain model directory")
-    export.add_argument("--model", required=True, metavar="DIR", help="an adapter directory (or any model directory)")
+    export.add_argument("--model", required=True, metavar="DIR", help="an adapter directory (or any model directory, or a registry URI models:/NAME@ALIAS)")
     export.add_argument("--out", required=True)
     export.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16")
     export.set_defaults(func=cmd_export)

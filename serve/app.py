@@ -267,7 +267,7 @@ class Ingress:
         self.probe = probe
         self.settings: ServeSettings = load_settings(settings)
         self.limits = self.settings.limits
-        self.models = registry(self.settings)
+        self.models = registry(self.settings, download=False)  # names and kinds only: the replicas download
         api.state.token = read_token(self.settings.token_file)
         api.state.max_body_bytes = self.limits.max_body_bytes
         self._bench = None

@@ -17,6 +17,7 @@ from ray.tune.schedulers import ASHAScheduler
 from offside.errors import OffsideError
 from offside.eval.evaluate import EvalSpec, evaluate
 from offside.models.loading import ModelSpec, build_or_load
+from offside.registry import resolve
 from tune_jobs.search import BestSoFarASHA, ShuffledGrid, replay
 from tune_jobs.spec import load_sweep, sweep_from_dict
 from tune_jobs.sweep import run_sweep
@@ -131,7 +132,7 @@ def test_four_trial_asha_sweep_of_deepspeed_pairs(tmp_path, tiny_vanilla, local_
     assert version.run_id == parents[0].info.run_id == version.tags["parent_run"]
     assert (version.tags["method"], float(version.tags["objective"])) == (best["settings"]["method"], best["objective"])
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'tune' / 'mlflow.db'}")
-    model, processor = build_or_load(ModelSpec("models:/offside-s@best"))  # scored below: the best epoch's weights
+    model, processor = build_or_load(ModelSpec(str(resolve("models:/offside-s@best"))))  # scored below: the best epoch's weights
     from offside.data.loader import load_benchmark
     from offside.data.rows import materialise
 

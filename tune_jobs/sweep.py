@@ -24,7 +24,7 @@ from offside.errors import OffsideError
 from offside.eval.evaluate import evaluate
 from offside.eval.sanity import checked
 from offside.models.loading import LoraSpec, ModelSpec, build_or_load, is_model_dir, save
-from offside.registry import register
+from offside.registry import SWEEP_ALIAS, Objective, register
 from offside.tracking import tracking_uri
 from tune_jobs import tracking
 from tune_jobs.spec import SweepConfig, apply_sample, max_epochs, sweep_from_dict, trial_count
@@ -281,12 +281,17 @@ def _finish(config: SweepConfig, sweep_dir: Path, uri: str, parent: str, grid, s
 
 
 def _register_best(config: SweepConfig, model_dir: Path, client, parent: str, best: dict) -> None:
-    name = f"offside-{config.name}"
+    """The sweep's pick as a version of offside-<name> with alias `best`; `champion` moves to it only if
+    it beats the champion on the same objective (offside/registry.py)."""
+    name, spec = f"offside-{config.name}", config.objective
     tags = {"method": best["settings"]["method"], "scenario": config.scenario, "data_hash": data_hash(config.data),
-            "objective": best["objective"], "objective_metric": config.objective.metric, "parent_run": parent,
-            "trial": best["trial_id"], "epoch": best["epoch"]}
-    version = register(model_dir, name, client, parent, tags)
-    client.set_tag(parent, "registered_model", f"models:/{name}/{version}")
+            "parent_run": parent, "trial": best["trial_id"], "epoch": best["epoch"]}
+    measured = (f"{spec.metric} subject to {spec.constraint} >= {spec.min_value}" if spec.mode == "constrained"
+                else f"{spec.metric} (pareto with {spec.constraint})")
+    metrics = {"objective": best["objective"], spec.metric: best[spec.metric], spec.constraint: best[spec.constraint]}
+    registered = register(model_dir, name, client, parent, tags, metrics, Objective(measured, best["objective"]), (SWEEP_ALIAS,))
+    client.set_tag(parent, "registered_model", f"models:/{name}/{registered.version}")
+    print(f"[offside] registered {registered}", flush=True)
 
 
 def trial_rows(grid, static: dict) -> list[dict]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -61,7 +61,8 @@ class LoraSpec:
 
 @dataclass
 class ModelSpec:
-    """`name`: "tiny" (built from scratch), a saved model directory, or a hub id."""
+    """`name`: "tiny" (built from scratch), a saved model directory, or a hub id. A registry URI
+    (`models:/NAME@ALIAS`) is resolved to its directory where a stage starts (`offside.registry.local_model`)."""
 
     name: str = "tiny"
     image_size: int | None = None  # None: the saved model's, else 56 for tiny / 252 for real models
@@ -79,10 +80,6 @@ def build_or_load(spec: ModelSpec, texts: list[str] | None = None, seed: int = 0
         raise OffsideError(f"model.dtype: unknown dtype {spec.dtype!r} (valid: {', '.join(DTYPES)})")
     if not spec.name:
         raise OffsideError("model: a model name or directory is required (--model)")
-    from offside.registry import is_registry_uri, resolve
-
-    if is_registry_uri(spec.name):
-        spec = replace(spec, name=str(resolve(spec.name)))
     device = resolve_device(spec.device)
     if spec.name == "tiny":
         if texts is None:
@@ -135,6 +132,7 @@ def _load_adapter(path: Path, dtype: torch.dtype):
 
     model, tokenizer, _ = _load_pretrained(adapter_base(path), dtype)
     merged = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    merged.requires_grad_(True)  # PEFT froze the base: merged, it trains like any saved model (a full relearn)
     merged.config._name_or_path = str(path.resolve())
     return merged, tokenizer, _saved_image_size(path)
 
