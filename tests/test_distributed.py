@@ -115,6 +115,16 @@ INVARIANCE = [("ga", {}, 0), ("npo", {}, 0), ("mm_saliency", SALIENCY, 0), ("ga"
 GLOBAL_BATCH = 4
 
 
+def _every_method_cases() -> list:
+    """Every registered method not in INVARIANCE under ZeRO-0 (the tiny recipe's arguments), and the
+    saliency method under ZeRO-3."""
+    from offside.recipes import TINY_METHOD_ARGS
+    from offside.unlearn import available
+
+    covered = {name for name, _, zero in INVARIANCE if zero == 0}
+    return [(m, TINY_METHOD_ARGS.get(m, {}), 0) for m in available() if m not in covered] + [("mm_saliency", SALIENCY, 3)]
+
+
 def _invariance_spec(world: int, zero_stage: int) -> TrainSpec:
     return TrainSpec(epochs=2, batch_size=GLOBAL_BATCH // world, retain_ratio=1, lr=5e-4, warmup_ratio=0.0,
                      zero_stage=zero_stage, keep_checkpoints=1)
@@ -134,11 +144,14 @@ def _train_case(method_name: str, args: dict, zero_stage: int, world: int, check
 
 
 def _invariance_worker(rank: int, world: int, port: int, out: str) -> None:
+    import json
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    for i, (name, args, zero) in enumerate(INVARIANCE):
+    cases = json.loads((Path(out) / "cases.json").read_text())
+    for i, (name, args, zero) in enumerate(cases):
         checkpoints = Path(out) / f"checkpoints-rank{rank}" if i == 0 else None  # each rank its own, as in a trial
         weights, method = _train_case(name, args, zero, world, checkpoints)
         if rank == 0:
@@ -157,20 +170,20 @@ def _answers(weights: dict) -> dict[str, list]:
     return {s: [p["output"] for p in predictions if p["split"] == s] for s in ("forget", "retain")}
 
 
-def test_one_worker_and_two_give_the_same_model(tmp_path):
-    """GA, NPO and the saliency method (ZeRO-0), and GA under ZeRO-2 and ZeRO-3 on two workers, against
-    one worker under ZeRO-0: weights equal up to the order of float reductions (the all-reduce sums
-    in another order than one rank's batch), multiple-choice answers the same but for at most one
-    question per split. The two ranks' own checkpoint directories keep one epoch each."""
-    run_ranks(_invariance_worker, tmp_path)
-    for rank in range(2):
-        assert sorted(p.name for p in (tmp_path / f"checkpoints-rank{rank}").glob("epoch-*")) == ["epoch-002"]
+def _assert_invariant(out: Path, cases: list) -> None:
+    """Two workers' models (each case) against one worker's under ZeRO-0: weights equal up to the
+    order of float reductions (the all-reduce sums in another order than one rank's batch), the
+    saliency masks the same, multiple-choice answers the same but for at most one question per split."""
+    import json
+
+    (out / "cases.json").write_text(json.dumps(cases))
+    run_ranks(_invariance_worker, out)
     alone = {}
-    for i, (name, args, zero) in enumerate(INVARIANCE):
-        two = torch.load(tmp_path / f"case{i}.pt")
-        if (name, zero) not in alone:
-            alone[name, 0] = _train_case(name, args, 0, world=1)
-        one_weights, one_method = alone[name, 0]
+    for i, (name, args, zero) in enumerate(cases):
+        two = torch.load(out / f"case{i}.pt")
+        if name not in alone:
+            alone[name] = _train_case(name, args, 0, world=1)
+        one_weights, one_method = alone[name]
         moved = max((one_weights[n] - w).abs().max().item() for n, w in build_or_load(ModelSpec(f"{GOLDEN}/model"))[0].named_parameters())
         worst = max((one_weights[n] - w).abs().max().item() for n, w in two["weights"].items())
         assert worst < 0.02 * moved, (name, zero, worst, moved)
@@ -181,6 +194,25 @@ def test_one_worker_and_two_give_the_same_model(tmp_path):
         for split, answers in _answers(one_weights).items():
             differing = sum(a != b for a, b in zip(answers, _answers(two["weights"])[split]))
             assert differing <= 1, (name, zero, split, differing)
+
+
+def test_one_worker_and_two_give_the_same_model(tmp_path):
+    """GA, NPO and the saliency method (ZeRO-0), and GA under ZeRO-2 and ZeRO-3 on two workers, against
+    one worker under ZeRO-0 (`_assert_invariant`). The two ranks' own checkpoint directories keep one
+    epoch each."""
+    _assert_invariant(tmp_path, INVARIANCE)
+    for rank in range(2):
+        assert sorted(p.name for p in (tmp_path / f"checkpoints-rank{rank}").glob("epoch-*")) == ["epoch-002"]
+
+
+@pytest.mark.slow
+def test_every_method_gives_the_same_model_on_one_worker_and_two(tmp_path):
+    """Issue 24, item 9: every other registered method (KL and RMU with their token means over the
+    step's global batch among them), and the saliency method under ZeRO-3, as
+    test_one_worker_and_two_give_the_same_model."""
+    cases = _every_method_cases()
+    assert {"kl", "rmu"} <= {name for name, _, _ in cases} and ("mm_saliency", SALIENCY, 3) in cases
+    _assert_invariant(tmp_path, cases)
 
 
 def _stage_worker(rank: int, world: int, port: int, out: str) -> None:
