@@ -7,6 +7,7 @@ each step takes `batch_size` rows of it, and `batch_size * retain_ratio` rows of
 
 Distribution: works alone (sets up a world of one with gloo, or nccl on GPU) and under a launcher or
 Ray Train that has already initialised torch.distributed; each rank takes its shard of every stream.
+Every collective goes through `offside.engine.comm`.
 """
 
 from __future__ import annotations
@@ -256,10 +257,10 @@ def train(
 
 
 def checkpoint_activations(model, enable: bool = True) -> None:
-    """Turns gradient checkpointing on (or off again) of the language layers and vision blocks, non-reentrant (the variant
-    that works with ZeRO-3's per-module gathers and with frozen inputs). With the embeddings frozen
-    (LoRA, a frozen tower) nothing entering the first checkpointed layer requires grad; the embeddings'
-    outputs are made to, as PEFT's and transformers' own recipes do."""
+    """Gradient checkpointing of the language layers and vision blocks on (or off again), non-reentrant
+    (the variant that works with ZeRO-3's per-module gathers and with frozen inputs). With the
+    embeddings frozen (LoRA, a frozen tower) nothing entering the first checkpointed layer requires
+    grad; the embeddings' outputs are made to, as PEFT's and transformers' own recipes do."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not enable:
         inner.gradient_checkpointing_disable()
