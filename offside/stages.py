@@ -33,7 +33,8 @@ from offside.errors import OffsideError
 from offside.eval.evaluate import EvalSpec, check, evaluate
 from offside.eval.sanity import checked
 from offside.eval.suites import CHEAP_SUITES, RobustnessSpec, UtilitySpec, check_suites, run_suites
-from offside.models.loading import ModelSpec, adapter_lora, build_or_load, gathered_for_save, resolve_device, save
+from offside.models.loading import (ModelSpec, adapter_lora, build_or_load, gathered_for_save, resolve_device, resolved_dtype,
+                                   save)
 from offside.provenance import git_sha, model_provenance
 from offside.recipes import PUBLISHED_RELEARN
 from offside.registry import LocalModel, local_model
@@ -116,7 +117,7 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> StageResult:
     texts = [t for split in bench.values() for column in ("question", "answer") for t in split[column]]
     if config.phrasings > 1:  # the other wordings' words join the tiny tokenizer's text (one wording: all in it already)
         texts += [r["question"] for r in streams["train"]]
-    model, processor = build_or_load(models.spec(config.model), texts, seed=config.train.seed)
+    model, processor = build_or_load(models.spec(config.model), texts, seed=config.train.seed, train=config.train)
     manifest: dict = {}
 
     def body(out: Path, run: Run) -> dict[str, float]:
@@ -140,7 +141,7 @@ def unlearn(config: UnlearnConfig, progress: bool = True, vanilla_check: dict | 
     streams = {"forget": training_rows(materialise(forget), config.modalities),
                "retain": training_rows(materialise(retain), config.modalities)}
     relearn_rows = training_rows(materialise(bench["relearn"]), config.modalities) if config.scenario == "relearning" else []
-    model, processor = build_or_load(models.spec(config.model), seed=config.train.seed)
+    model, processor = build_or_load(models.spec(config.model), seed=config.train.seed, train=config.train)
     manifest = {"vanilla_check": vanilla_check or checked(model, processor, bench, config.model.name)}
     tags = {"stage": "unlearn", "method": config.method, "scenario": config.scenario}
 
@@ -148,7 +149,7 @@ def unlearn(config: UnlearnConfig, progress: bool = True, vanilla_check: dict | 
         if config.scenario != "relearning":
             return _fit_and_save(out, run, model, processor, method, streams, config.train, config, bench, progress)
         metrics = _fit_and_save(out / "unlearned", run, model, processor, method, streams, config.train, config, bench, progress)
-        relearner, _ = build_or_load(replace(config.model, name=str(out / "unlearned")))
+        relearner, _ = build_or_load(replace(config.model, name=str(out / "unlearned")), train=config.relearn)
         relearned = _fit_and_save(out, run, relearner, processor, FineTune(), {"train": relearn_rows}, config.relearn,
                                   config, bench, progress, step_offset=config.train.epochs)
         return metrics | {f"relearn/{k}": v for k, v in relearned.items()}
@@ -161,7 +162,7 @@ def relearn(config: RelearnConfig, progress: bool = True) -> StageResult:
     check(config.eval)
     config, models = _started(config)
     bench = load_benchmark(config.data)
-    model, processor = build_or_load(models.spec(config.model), seed=config.train.seed)
+    model, processor = build_or_load(models.spec(config.model), seed=config.train.seed, train=config.train)
     streams = {"train": training_rows(materialise(bench["relearn"]), config.modalities)}
     rows = {split: materialise(bench[split]) for split in config.eval.splits}
 
@@ -386,7 +387,7 @@ def _model_manifest(config, models: StageModels) -> dict:
     import torch.distributed as dist
 
     train = getattr(config, "train", None)
-    return {**model_provenance(models.model.path), **models.manifest(), "dtype": config.model.dtype,
+    return {**model_provenance(models.model.path), **models.manifest(), "dtype": resolved_dtype(models.spec(config.model)),
             "device": resolve_device(config.model.device).type,
             "world_size": dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1,
             "zero_stage": train.zero_stage if train else None}

@@ -74,7 +74,7 @@ def train_worker(cfg: dict) -> None:
                "retain": training_rows(materialise(retain), cfg["modalities"])}
     lora = from_dict(LoraSpec, settings["lora"], "trial lora") if settings.get("lora") else None
     model, processor = build_or_load(ModelSpec(cfg["vanilla"], dtype=cfg["dtype"], freeze_vision=cfg["freeze_vision"], lora=lora),
-                                     seed=spec.seed)
+                                     seed=spec.seed, train=spec)  # ZeRO-3: loaded partitioned
     eval_spec = from_dict(EvalSpec, cfg["epoch_eval"], "epoch_eval")
     eval_rows = {s: materialise(bench[s]) for s in eval_spec.splits}
     objective = from_dict(ObjectiveSpec, cfg["objective"], "objective")
