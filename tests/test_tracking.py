@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 
 from offside.tracking import stage_run
 from conftest import start_mlflow
-from tune_jobs.tracking import MetricLog, begin_attempt
+from tune_jobs.tracking import MetricLog, begin_attempt, deliver_spilled
 
 
 def test_artifacts_land_beside_the_sqlite_store_not_in_the_working_directory(tmp_path, monkeypatch):
@@ -29,28 +29,32 @@ def test_artifacts_land_beside_the_sqlite_store_not_in_the_working_directory(tmp
     assert not any(elsewhere.iterdir())  # no ./mlruns where the command ran
 
 
-def test_metrics_logged_while_the_tracking_server_is_down_arrive_when_it_is_back(tmp_path, monkeypatch):
+def test_metrics_logged_while_the_tracking_server_is_down_are_delivered_when_it_is_back(tmp_path, monkeypatch):
+    """Logging returns at once with the server down; what the run could not deliver before it ended
+    waits in its spill file, and the sweep delivers it once a real `mlflow server` is back."""
     import cluster.local
-    from cluster.local import _end_group
+    from cluster.local import _end_group, free_port
 
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")  # retries after 2, 4, 8, … s: the test waits less
-    server, uri = start_mlflow(tmp_path)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # no retries left running when the test ends
+    store = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")  # the store the server will serve
+    run_id = store.create_run(store.create_experiment("outage")).info.run_id
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"  # nothing answers there yet
+    spill = tmp_path / "sweep" / "workers" / "t0" / "undelivered-1.jsonl"
+    spill.parent.mkdir(parents=True)
+    log = MetricLog(uri, run_id, spill)
+    started = time.monotonic()
+    for step in (1, 2):
+        log.log({"loss": 1.0 / step}, step=step, timestamp_ms=1000 * step, tags={"offside.attempts": "1"})
+    assert time.monotonic() - started < 5  # hang bound: logging does not wait for the server
+    assert log.close(timeout_s=1) == 2 and len(spill.read_text().splitlines()) == 2
+    monkeypatch.setattr(cluster.local, "free_port", lambda: port)
+    server, _ = start_mlflow(tmp_path)
     try:
-        client = MlflowClient(uri)
-        run_id = client.create_run(client.create_experiment("outage")).info.run_id
-        log = MetricLog(uri, run_id)
-        log.log({"loss": 1.0}, step=1, timestamp_ms=1000)
-        _end_group(server)  # the server goes away mid-run
-        started = time.monotonic()
-        for step in (2, 3):
-            log.log({"loss": 1.0 / step}, step=step, timestamp_ms=1000 * step)
-        assert time.monotonic() - started < 5  # hang bound: logging does not wait for the server
-        port = int(uri.rsplit(":", 1)[1])
-        monkeypatch.setattr(cluster.local, "free_port", lambda: port)  # the same address again
-        server, _ = start_mlflow(tmp_path)
-        assert log.close(timeout_s=300) == 0
+        assert deliver_spilled(uri, tmp_path / "sweep") == 2 and not spill.exists()
         history = MlflowClient(uri).get_metric_history(run_id, "loss")
-        assert sorted((m.step, m.value, m.timestamp) for m in history) == [(1, 1.0, 1000), (2, 0.5, 2000), (3, 1 / 3, 3000)]
+        assert sorted((m.step, m.value, m.timestamp) for m in history) == [(1, 1.0, 1000), (2, 0.5, 2000)]
+        assert MlflowClient(uri).get_run(run_id).data.tags["offside.attempts"] == "1"
     finally:
         _end_group(server)
 

@@ -49,11 +49,18 @@ def estimate(config: SweepConfig, existing: int = 0) -> SpaceEstimate:
     return SpaceEstimate(trained, checkpoint, max(0, total - existing), shutil.disk_usage(storage).free, storage)
 
 
-def check_space(config: SweepConfig, sweep_dir: Path, refuse: bool) -> SpaceEstimate:
+def check_space(config: SweepConfig, sweep_dir: Path, refuse: bool) -> SpaceEstimate | None:
     """Warns on stderr, or with `refuse` fails, when the storage has less free space than the sweep's
-    checkpoints need."""
+    checkpoints need (or when that cannot be estimated)."""
     existing = sum(p.stat().st_size for p in (sweep_dir / "trials").rglob("*") if p.is_file()) if (sweep_dir / "trials").exists() else 0
-    found = estimate(config, existing)
+    try:
+        found = estimate(config, existing)
+    except (OSError, ValueError) as err:  # e.g. a hub model whose config is not cached here
+        message = f"sweep {config.name!r}: cannot estimate the space its checkpoints need ({err})"
+        if refuse:
+            raise OffsideError(message) from err
+        print(f"offside: warning: {message}", file=sys.stderr, flush=True)
+        return None
     if found.total > found.free:
         message = f"sweep {config.name!r}: {found.summary()}"
         if refuse:

@@ -73,7 +73,7 @@ def run_sweep(config: SweepConfig | None = None, address: str | None = None, res
         return _finish(config, sweep_dir, uri, parent, grid, trials, static)
     except BaseException as err:
         if "parent" in locals():  # an interrupt KILLED, any other error FAILED (--resume reopens it)
-            tracking.MlflowClient(uri).set_terminated(parent, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            tracking.mark_parent(uri, parent, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     finally:
         if started:
@@ -291,6 +291,7 @@ def _fit(tuner) -> tuple[object | None, list]:
 
 def _finish(config: SweepConfig, sweep_dir: Path, uri: str, parent: str, grid, trials: list, static: dict) -> SweepResult:
     client = tracking.MlflowClient(uri)
+    tracking.deliver_spilled(uri, sweep_dir)
     tracking.settle_trial_runs(uri, config.name, {t.trial_id: tracking.trial_run_status(t, planned_epochs(config)) for t in trials})
     if any(t.status not in FINISHED_STATES for t in trials):  # only an interrupt ends Tune with trials unfinished
         client.set_terminated(parent, "KILLED")

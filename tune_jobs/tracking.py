@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -28,7 +29,8 @@ from tune_jobs.state import write_atomically
 SWEEP_TAG = "offside.sweep"
 TRIAL_TAG = "ray_trial_id"
 ATTEMPT_TAG = "offside.attempt"  # offside.attempts: how many; offside.attempt.<n>: where attempt n started
-DELIVERY_WAIT_S = 600  # how long a finished attempt waits for its metrics to reach a tracking server that is down
+DELIVERY_WAIT_S = 60  # how long a finished attempt waits for its metrics to reach a tracking server that is down
+UNDELIVERED = "undelivered-*.jsonl"  # what it could not deliver, in its worker directory, for the sweep's driver
 
 
 def _find(client: MlflowClient, tags: dict[str, str]) -> str | None:
@@ -76,11 +78,12 @@ def log_params(client: MlflowClient, run_id: str, params: dict) -> None:
 
 class MetricLog:
     """A run's metrics and tags sent with MLflow's asynchronous logging: `log` returns at once. A batch
-    whose delivery failed (MLflow's own retries gave up: a long outage) is sent again at the next `log`
-    and while `close` waits, so an outage of any length loses nothing that `close` can still deliver."""
+    whose delivery failed (MLflow's own retries gave up: a long outage) is sent again at the next `log`.
+    `close` waits a while for delivery, then writes what is still undelivered to `spill` (JSON lines),
+    which the sweep's driver delivers later (`deliver_spilled`): an outage of any length loses nothing."""
 
-    def __init__(self, uri: str, run_id: str):
-        self.client, self.run_id = MlflowClient(uri), run_id
+    def __init__(self, uri: str, run_id: str, spill: Path):
+        self.client, self.run_id, self.spill = MlflowClient(uri), run_id, spill
         self._pending: list[tuple[list[Metric], list[RunTag], Future]] = []
         self._waiter = ThreadPoolExecutor(1, thread_name_prefix="offside-mlflow-delivery")
 
@@ -100,19 +103,37 @@ class MetricLog:
             self._send(metrics, tags)
 
     def close(self, timeout_s: float = DELIVERY_WAIT_S) -> int:
-        """Waits until every batch is delivered (resending failed ones) or `timeout_s` passed; returns
-        how many metric values were not delivered (warned on stderr)."""
+        """Waits until every batch is delivered (resending failed ones) or `timeout_s` passed; writes the
+        rest to the spill file. Returns how many metric values were left to the spill file."""
         deadline = time.monotonic() + timeout_s
         self._resend_failed()
         while self._pending and time.monotonic() < deadline:
             wait([f for _, _, f in self._pending], timeout=max(0.0, deadline - time.monotonic()), return_when=FIRST_COMPLETED)
             self._resend_failed()
-        lost = sum(len(m) for m, _, _ in self._pending)
-        if lost:
-            print(f"offside: warning: {lost} metric values of run {self.run_id} not delivered to the tracking server "
-                  f"within {timeout_s:.0f} s", file=sys.stderr, flush=True)
+        left = [(m, t) for m, t, _ in self._pending]
         self._waiter.shutdown(wait=False, cancel_futures=True)
-        return lost
+        if left:
+            lines = [json.dumps({"run_id": self.run_id, "metrics": [[x.key, x.value, x.timestamp, x.step] for x in m],
+                                 "tags": {x.key: x.value for x in t}}) for m, t in left]
+            with open(self.spill, "a") as f:
+                f.write("".join(line + "\n" for line in lines))
+            print(f"offside: warning: the tracking server did not take {sum(len(m) for m, _ in left)} metric values of run "
+                  f"{self.run_id} within {timeout_s:.0f} s; they are in {self.spill}, for the sweep to deliver", file=sys.stderr, flush=True)
+        return sum(len(m) for m, _ in left)
+
+
+def deliver_spilled(uri: str, sweep_dir: Path) -> int:
+    """Logs what trials could not deliver (`MetricLog.close`) and removes the files; returns how many
+    metric values it delivered."""
+    client, count = MlflowClient(uri), 0
+    for path in sorted(sweep_dir.glob(f"workers/*/{UNDELIVERED}")):
+        for line in path.read_text().splitlines():
+            batch = json.loads(line)
+            metrics = [Metric(k, v, ts, step) for k, v, ts, step in batch["metrics"]]
+            client.log_batch(batch["run_id"], metrics=metrics, tags=[RunTag(k, v) for k, v in batch["tags"].items()])
+            count += len(metrics)
+        path.unlink()
+    return count
 
 
 def _done() -> Future:
@@ -187,8 +208,15 @@ class SystemMetrics:
         if thread is None or not thread.is_alive():
             self.monitor = self._start(step=self.monitor._logging_step)
 
-    def finish(self) -> None:
-        self.monitor.finish()
+    def finish(self, wait_s: float = 10) -> None:
+        """Stops sampling and sends the last samples, unless the monitor is stuck on a tracking server
+        that does not answer (its thread is a daemon: it ends with the process)."""
+        self.monitor._shutdown_event.set()
+        thread = self.monitor._process
+        if thread is not None:
+            thread.join(wait_s)
+        if thread is None or not thread.is_alive():
+            self.monitor.finish()
 
 
 def _own_gpu_only(monitor) -> None:
@@ -227,6 +255,17 @@ def close_trial(uri: str, sweep: str, trial_id: str, status: str) -> None:
               f"{str(err).splitlines()[0] if str(err) else ''})", file=sys.stderr, flush=True)
 
 
+def mark_parent(uri: str, run_id: str, status: str, wait_s: float = 20) -> None:
+    """Sets the sweep's run status on the way out of a failure or an interrupt, waiting at most `wait_s`
+    (MLflow's retries would hold a Ctrl+C up for minutes when the tracking server is down)."""
+    worker = threading.Thread(target=MlflowClient(uri).set_terminated, args=(run_id, status), daemon=True)
+    worker.start()
+    worker.join(wait_s)
+    if worker.is_alive():
+        print(f"offside: warning: could not mark the sweep's run {run_id} {status}: the tracking server does not answer",
+              file=sys.stderr, flush=True)
+
+
 def settle_trial_runs(uri: str, sweep: str, statuses: dict[str, str]) -> None:
     """At the sweep's end: each trial's child run gets its final status where it has another (a callback
     could not reach the tracking server, or the sweep was interrupted with trials running)."""
@@ -261,11 +300,14 @@ def closing_callback(sweep: str, planned_epochs):
     def uri(trial) -> str:
         return tracking_uri(Path(trial.storage.experiment_fs_path).parent)
 
+    def close(trial, status: str) -> None:  # in a thread: a tracking server that is down must not hold up Tune's loop
+        threading.Thread(target=close_trial, args=(uri(trial), sweep, trial.trial_id, status), daemon=True).start()
+
     class CloseTrialRuns(Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
-            close_trial(uri(trial), sweep, trial.trial_id, "FINISHED" if _ran_all(trial, planned_epochs) else "KILLED")
+            close(trial, "FINISHED" if _ran_all(trial, planned_epochs) else "KILLED")
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            close_trial(uri(trial), sweep, trial.trial_id, "FAILED")
+            close(trial, "FAILED")
 
     return CloseTrialRuns()

@@ -96,7 +96,7 @@ def train_worker(cfg: dict) -> None:
     system = tracking.SystemMetrics(cfg["tracking_uri"], cfg["run_id"], rank, cfg["system_metrics_s"]) if cfg["system_metrics_s"] else None
     if rank == 0:
         attempt = tracking.begin_attempt(_worker_dir(cfg), start_epoch)
-        mlflow_log = tracking.MetricLog(cfg["tracking_uri"], cfg["run_id"])
+        mlflow_log = tracking.MetricLog(cfg["tracking_uri"], cfg["run_id"], _worker_dir(cfg) / f"undelivered-{attempt.number}.jsonl")
         mlflow_log.log({}, 0, _now_ms(), tags=attempt.tags())
 
     def on_epoch(epoch: int, module, logs: dict) -> dict:
