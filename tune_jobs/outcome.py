@@ -48,7 +48,8 @@ def advice(failures: list[TrialFailure], sweep_dir: Path) -> str:
     """What to do next, in a line or two."""
     resume = f"offside tune --resume {sweep_dir}"
     if any("No space left on device" in f.error for f in failures):
-        return f"the storage is full: free space there (or move {sweep_dir} to a larger disk), then {resume} retries the failed trials from their last checkpoints"
+        return (f"the storage is full: free space there (or copy {sweep_dir.parent}, with its mlflow.db, to a larger disk and resume "
+                f"the copy), then {resume} retries the failed trials from their last checkpoints")
     if all(f.transient for f in failures):
         return f"{resume} retries the failed trials from their last checkpoints once the cause above is gone"
     return (f"{resume} retries the failed trials from their last checkpoints, but the errors above come from their "
