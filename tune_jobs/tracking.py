@@ -128,7 +128,11 @@ def deliver_spilled(uri: str, sweep_dir: Path) -> int:
     client, count = MlflowClient(uri), 0
     for path in sorted(sweep_dir.glob(f"workers/*/{UNDELIVERED}")):
         for line in path.read_text().splitlines():
-            batch = json.loads(line)
+            try:
+                batch = json.loads(line)
+            except ValueError:  # its last line, cut short by a full disk
+                print(f"offside: warning: {path}: an unreadable line skipped", file=sys.stderr, flush=True)
+                continue
             metrics = [Metric(k, v, ts, step) for k, v, ts, step in batch["metrics"]]
             client.log_batch(batch["run_id"], metrics=metrics, tags=[RunTag(k, v) for k, v in batch["tags"].items()])
             count += len(metrics)
