@@ -65,10 +65,8 @@ def cmd_tune(args) -> None:
         _say(f"sweep interrupted; continue it with: offside tune --resume {result.sweep_dir}")
         sys.exit(130)
     if not result.complete:
-        lines = [f.line() for f in result.failed] or [f"  {result.problem}"]
-        reason = f"{len(result.failed)} trial(s) failed" if result.failed else "it did not run every trial"
-        _say(f"sweep failed: {reason}:\n" + "\n".join(lines) + "\n  " +
-             (advice(result.failed, result.sweep_dir) if result.failed else f"offside tune --resume {result.sweep_dir} runs the rest"))
+        _say(f"sweep failed: {len(result.failed)} trial(s) failed:\n" + "\n".join(f.line() for f in result.failed)
+             + "\n  " + advice(result.failed, result.sweep_dir))
         sys.exit(1)
     print((result.sweep_dir / "results.md").read_text())
     best = result.best

@@ -171,6 +171,17 @@ def _checkpoint_names(doc) -> set[str]:
     return set()
 
 
+def saved_statuses(trials: list) -> list[str]:
+    """The trials' statuses in the experiment state Tune saved last (in its local staging directory)."""
+    if not trials:
+        return []
+    staging = Path(trials[0].storage.experiment_driver_staging_path)
+    state = max(staging.glob(STATE_PATTERN), default=None)
+    if state is None:
+        return [t.status for t in trials]
+    return [json.loads(trial)["status"] for trial, _ in json.loads(state.read_text())["trial_data"]]
+
+
 def keep_state_callback():
     """The Tune callback keeping the sweep's last good experiment state (ray imported here). It finds
     the sweep directory through the trials (Tune points them at a moved sweep's new place), so the

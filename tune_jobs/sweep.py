@@ -34,7 +34,7 @@ from tune_jobs import tracking
 from tune_jobs.outcome import TrialFailure, trial_failure
 from tune_jobs.space import check_space
 from tune_jobs.spec import SweepConfig, apply_sample, max_epochs, sweep_from_dict, trial_count
-from tune_jobs.state import keep_state_callback, recover_experiment_state, write_atomically
+from tune_jobs.state import keep_state_callback, recover_experiment_state, saved_statuses, write_atomically
 
 SWEEP_FILE = "sweep.yaml"
 FINISHED_STATES = ("TERMINATED", "ERROR")
@@ -49,7 +49,6 @@ class SweepResult:
     complete: bool
     interrupted: bool = False  # Ctrl+C (or SIGTERM): trials were left unfinished
     failed: list[TrialFailure] = field(default_factory=list)  # trials that errored after their retries
-    problem: str | None = None  # why an incomplete sweep that is neither is incomplete
 
 
 def run_sweep(config: SweepConfig | None = None, address: str | None = None, resume: str | None = None,
@@ -293,14 +292,15 @@ def _finish(config: SweepConfig, sweep_dir: Path, uri: str, parent: str, grid, t
     client = tracking.MlflowClient(uri)
     tracking.deliver_spilled(uri, sweep_dir)
     tracking.settle_trial_runs(uri, config.name, {t.trial_id: tracking.trial_run_status(t, planned_epochs(config)) for t in trials})
-    if any(t.status not in FINISHED_STATES for t in trials):  # only an interrupt ends Tune with trials unfinished
+    # Only an interrupt ends Tune with trials unfinished (or not yet made). Their statuses are read from
+    # the state Tune saved as it stopped: afterwards it marks every trial it stops TERMINATED.
+    if len(trials) < trial_count(config) or any(s not in FINISHED_STATES for s in saved_statuses(trials)):
         client.set_terminated(parent, "KILLED")
         return SweepResult(sweep_dir, parent, [], None, False, interrupted=True)
     failed = [trial_failure(t) for t in trials if t.status == "ERROR"]
-    if failed or len(trials) < trial_count(config):
+    if failed:
         client.set_terminated(parent, "FAILED")
-        problem = None if failed else f"only {len(trials)} of {trial_count(config)} trials ran"
-        return SweepResult(sweep_dir, parent, [], None, False, failed=failed, problem=problem)
+        return SweepResult(sweep_dir, parent, [], None, False, failed=failed)
     rows = trial_rows(grid, static)
     if not rows:
         client.set_terminated(parent, "FAILED")
