@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn = _stage_parser(sub, "unlearn", "run an unlearning method in a scenario", UNLEARN_FLAGS, cmd_unlearn)
     unlearn.add_argument("--register", metavar="NAME", help="register the unlearned model in the MLflow Model Registry as NAME (alias best)")
     _stage_parser(sub, "relearn", "corrective relearning: fine-tune on the true facts, then evaluate", RELEARN_FLAGS, cmd_relearn)
-    _stage_parser(sub, "eval", "evaluate a model: --suite efficacy,generalization,utility,robustness (default all)", EVAL_FLAGS, cmd_eval)
+    _stage_parser(sub, "eval", "evaluate a model: --suite efficacy,generalization,visual,utility,robustness (default all)", EVAL_FLAGS, cmd_eval)
 
     report = sub.add_parser("report", help="leaderboard.md, self-contained report.html and plots from eval runs (logged to MLflow)")
     report.add_argument("--runs", nargs="+", required=True, metavar="DIR", help="eval run directories")
