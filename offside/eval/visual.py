@@ -44,7 +44,6 @@ NEW_PHOTOS = 4  # per forget player
 KIT_PHOTOS = 2  # per forget player and offered club
 SEED = 0  # of the photos' poses and backgrounds (offside.data.photos.pose_seed)
 CLUB = "club_to"
-PROBES = ("new_photos", "kit_swap")
 
 
 def visual_suite(model, processor, forget_rows: list[dict], data_dir: str | os.PathLike | None, spec: EvalSpec):
