@@ -10,7 +10,6 @@ import importlib
 import json
 import os
 import sys
-from pathlib import Path
 
 import yaml
 
@@ -125,16 +124,11 @@ def cmd_matrix(args) -> None:
 
 
 def cmd_findings(args) -> None:
-    from offside.report.findings import findings, render
+    from offside.report.findings import findings, load_matrix, render, seeds_of
 
-    def rows(directory: str | None) -> list[dict]:
-        path = os.path.join(directory, "results.json") if directory else ""
-        if path and not os.path.isfile(path):
-            raise OffsideError(f"{directory}: no results.json (a directory written by `offside matrix`)")
-        return json.loads(Path(path).read_text()) if path else []
-
-    matrix = rows(args.matrix)
-    print(render(findings(matrix, rows(args.attacks)), max(len(row.get("runs") or [row]) for row in matrix)))
+    matrix = load_matrix(args.matrix)
+    attacked = load_matrix(args.attacks) if args.attacks else []
+    print(render(findings(matrix, attacked), seeds_of(matrix)))
 
 
 def cmd_export(args) -> None:
@@ -194,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn = _stage_parser(sub, "unlearn", "run an unlearning method in a scenario", UNLEARN_FLAGS, cmd_unlearn)
     unlearn.add_argument("--register", metavar="NAME", help="register the unlearned model in the MLflow Model Registry as a new version of NAME")
     _stage_parser(sub, "relearn", "corrective relearning: fine-tune on the true facts, then evaluate", RELEARN_FLAGS, cmd_relearn)
-    _stage_parser(sub, "eval", "evaluate a model: --suite efficacy,generalization,utility,robustness (default all)", EVAL_FLAGS, cmd_eval)
+    _stage_parser(sub, "eval", "evaluate a model: --suite efficacy,generalization,visual,utility,robustness (default all)", EVAL_FLAGS, cmd_eval)
 
     report = sub.add_parser("report", help="leaderboard.md, self-contained report.html and plots from eval runs (logged to MLflow)")
     report.add_argument("--runs", nargs="+", required=True, metavar="DIR", help="eval run directories")

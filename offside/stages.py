@@ -23,7 +23,7 @@ import yaml
 from offside import __version__
 from offside.config import to_dict
 from offside.data.loader import data_hash, load_benchmark
-from offside.data.phrasings import check_phrasings, with_phrasings
+from offside.data.phrasings import check_photos, check_phrasings, photo_book, with_phrasings
 from offside.data.rows import materialise
 from offside.data.scenarios import forget_share, select
 from offside.data.schema import MODALITIES
@@ -55,6 +55,9 @@ class FinetuneConfig:
     epoch_eval: EvalSpec | None = None  # evaluate at every epoch end (logged to MLflow)
     # each training question in this many wordings: the canonical one + drawn others (offside/data/phrasings.py)
     phrasings: int = 1
+    # photos of each retain context: the published one + photos − 1 new ones, shown with the other wordings
+    # (synthetic benchmarks only; offside/data/photos.py)
+    photos: int = 1
 
 
 @dataclass
@@ -110,10 +113,13 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> StageResult:
     if config.split not in FINETUNE_SPLITS:
         raise OffsideError(f"split: unknown {config.split!r} (valid: {', '.join(FINETUNE_SPLITS)})")
     check_phrasings(config.phrasings)
+    check_photos(config.photos, config.phrasings)
     config, models = _started(config)
     bench = load_benchmark(config.data)
+    book = photo_book(config.data, config.photos)
     rows = [r for split in FINETUNE_SPLITS[config.split] for r in materialise(bench[split])]
-    streams = {"train": with_phrasings(training_rows(rows, config.modalities), config.phrasings, config.train.seed)}
+    streams = {"train": with_phrasings(training_rows(rows, config.modalities), config.phrasings, config.train.seed,
+                                       config.photos, book)}
     texts = [t for split in bench.values() for column in ("question", "answer") for t in split[column]]
     if config.phrasings > 1:  # the other wordings' words join the tiny tokenizer's text (one wording: all in it already)
         texts += [r["question"] for r in streams["train"]]
@@ -188,7 +194,7 @@ def evaluate_model(config: EvalConfig, progress: bool = True) -> StageResult:
 
     def body(out: Path, run: Run) -> dict[str, float]:
         result = run_suites(model, processor, rows, config.suites, config.eval, config.utility, robustness,
-                            out, progress)
+                            out, progress, data_dir=config.data)
         if is_main_rank():
             _write_jsonl(out / "predictions.jsonl", result.predictions)
             if result.attack_records:
