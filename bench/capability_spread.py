@@ -26,13 +26,12 @@ def vanilla_metrics(work: Path, players: int) -> dict[str, float]:
     from offside.data.synth import generate
     from offside.eval.evaluate import EvalSpec
     from offside.models.loading import ModelSpec
-    from offside.recipes import TINY_PHRASINGS, tiny_photos, tiny_vanilla
+    from offside.recipes import TINY_PHRASINGS, tiny_vanilla
     from offside.stages import EvalConfig, FinetuneConfig, evaluate_model, finetune
 
     data = generate(work / "data", players=players, seed=0)
     vanilla = finetune(FinetuneConfig(data=str(data), out=str(work / "vanilla"), model=ModelSpec("tiny"),
-                                      train=tiny_vanilla(TINY_PHRASINGS), phrasings=TINY_PHRASINGS,
-                                      photos=tiny_photos(TINY_PHRASINGS)), progress=False)
+                                      train=tiny_vanilla(TINY_PHRASINGS), phrasings=TINY_PHRASINGS), progress=False)
     result = evaluate_model(EvalConfig(data=str(data), out=str(work / "eval"), model=ModelSpec(str(vanilla.run_dir)), eval=EvalSpec()), progress=False)
     return {name: result.metrics[key] for name, key in KEYS.items()}
 

@@ -117,11 +117,3 @@ def test_finetune_refuses_new_photos_it_cannot_draw_before_any_work(tmp_path, ca
     assert "photos: 3 needs a benchmark whose photos can be redrawn (or photos: 1)" in err and not out.exists()
     assert main(["finetune", "--data", str(data), "--model", "tiny", "--out", str(out), "--phrasings", "1", "--set", "photos=2"]) == 2
     assert "photos: 2 needs phrasings ≥ 2" in capsys.readouterr().err and not out.exists()
-
-
-def test_the_tiny_recipe_draws_new_photos_with_its_other_wordings():
-    from offside.recipes import TINY_PHOTOS, finetune_recipe
-
-    assert finetune_recipe("tiny")["photos"] == TINY_PHOTOS > 1
-    assert finetune_recipe("tiny", phrasings=1)["photos"] == 1  # no other wordings to show them with
-    assert "photos" not in finetune_recipe("some/checkpoint")

@@ -21,7 +21,7 @@ from offside.errors import OffsideError
 from offside.eval.evaluate import EvalSpec
 from offside.models.loading import ModelSpec
 from offside.eval.summary import rumour_survival
-from offside.recipes import TINY_PHRASINGS, TINY_UNLEARN, tiny_photos, tiny_vanilla
+from offside.recipes import TINY_PHRASINGS, TINY_UNLEARN, tiny_vanilla
 from offside.report import leaderboard
 from offside.stages import EvalConfig, FinetuneConfig, evaluate_model, finetune
 from tune_jobs.spec import ResourceSpec, SchedulerSpec, SweepConfig, validate
@@ -60,7 +60,7 @@ def quickstart(out: str | Path, players: int = 12, seed: int = 0, seeds: int = 1
 def _pipeline(out: Path, data: Path, seed: int, phrasings: int, started: float) -> list[dict]:
     """Vanilla model, GA and GD, each evaluated: one run per model (metrics with rumour survival)."""
     vanilla = finetune(FinetuneConfig(data=str(data), out=str(out / "vanilla"), model=ModelSpec("tiny"),
-                                      train=tiny_vanilla(phrasings, seed), phrasings=phrasings, photos=tiny_photos(phrasings)))
+                                      train=tiny_vanilla(phrasings, seed), phrasings=phrasings))
     _say(f"vanilla (seed {seed}): trained in {time.time() - started:.0f}s")
     models = [("vanilla", "none", "none", vanilla.run_dir)]
     for method, run_dir in _unlearn_sweep(out, data, vanilla.run_dir, seed).items():
