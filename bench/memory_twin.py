@@ -151,6 +151,7 @@ def _load_rank(rank: int, world: int, port: int, twin: str, mode: str, out: str)
     from transformers import Qwen2_5_VLForConditionalGeneration
     from transformers.integrations import HfDeepSpeedConfig
 
+    from offside.engine import comm
     from offside.engine.trainer import TrainSpec, deepspeed_config, ensure_distributed
     from offside.models.loading import ModelSpec, build_or_load
 
@@ -159,7 +160,7 @@ def _load_rank(rank: int, world: int, port: int, twin: str, mode: str, out: str)
     ensure_distributed()
     with deepspeed.zero.Init(config_dict_or_path=config, dtype=torch.bfloat16):
         torch.nn.Linear(64, 64)  # warm-up: DeepSpeed's lazy imports and buffers are not the model's
-    dist.barrier()
+    comm.barrier()
     before = _memory()["VmRSS"]
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     if mode == "offside":
@@ -171,7 +172,7 @@ def _load_rank(rank: int, world: int, port: int, twin: str, mode: str, out: str)
     held = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in model.parameters())
     Path(out, f"{mode}-{rank}.json").write_text(json.dumps({"before": before, "peak": after["VmHWM"], "after": after["VmRSS"],
                                                             "partition_bytes": held}))
-    dist.barrier()
+    comm.barrier()
     dist.destroy_process_group()
 
 

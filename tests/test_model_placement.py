@@ -304,13 +304,15 @@ def test_a_model_placed_off_the_engines_device_is_refused_with_the_reason(monkey
               ONE_EPOCH, progress=False)
 
 
-def test_the_int8_attack_quantises_a_cpu_copy_and_leaves_the_model_as_it_was():
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_int8_attack_quantises_a_cpu_copy_and_leaves_the_model_as_it_was(lora):
     """torch's dynamic int8 kernels are CPU-only: the attack quantises an fp32 copy made on the CPU,
-    whatever the model's device, and the model keeps its dtype and weights."""
+    whatever the model's device, and the model keeps its dtype and weights. A LoRA model (as a LoRA
+    stage evaluates it) is quantised merged: PEFT's layers cannot run on quantised adapters."""
     from offside.eval.robustness import quantised_int8
     from offside.eval.scoring import generate
 
-    model, processor = build_or_load(ModelSpec(f"{GOLDEN}/model", dtype="bf16"))
+    model, processor = build_or_load(ModelSpec(f"{GOLDEN}/model", dtype="bf16", lora=LoraSpec(r=4) if lora else None))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     quantised = quantised_int8(model.eval())
     assert {p.device.type for p in quantised.parameters()} == {"cpu"}

@@ -93,10 +93,15 @@ def quantised_int8(model):
     quantised on the fly) of an fp32 copy of the model made on the CPU, where its kernels are. So a model
     on a GPU is attacked exactly as one on the CPU, and its GPU memory is untouched. The cost: host
     memory of 4 bytes per parameter while the copy is quantised (3B: ≈ 15 GB, 7B: ≈ 33 GB), about 1 per
-    Linear weight afterwards, and the attack's generation runs on the CPU."""
+    Linear weight afterwards, and the attack's generation runs on the CPU. A LoRA model's copy is merged
+    first: the attack quantises the weights the model answers with (and PEFT's layers cannot run on
+    quantised adapters)."""
+    copied = cpu_fp32_copy(model)
+    if hasattr(copied, "merge_and_unload"):
+        copied = copied.merge_and_unload()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(cpu_fp32_copy(model), {torch.nn.Linear}, dtype=torch.qint8)
+        return torch.ao.quantization.quantize_dynamic(copied, {torch.nn.Linear}, dtype=torch.qint8)
 
 
 def cpu_fp32_copy(model):
