@@ -36,6 +36,7 @@ from offside.engine.losses import sequence_nll
 from offside.engine.trainer import TrainSpec, train
 from offside.errors import OffsideError
 from offside.eval.attacks import run_attacks
+from offside.eval.spec import FOUR_BIT_TYPES
 from offside.models.loading import LoraSpec, apply_lora
 from offside.models.processor import Processor
 
@@ -93,7 +94,6 @@ def quantised_int8(model):
         return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).float(), {torch.nn.Linear}, dtype=torch.qint8)
 
 
-FOUR_BIT_TYPES = ("nf4", "fp4")
 
 
 def four_bit_backend() -> str | None:

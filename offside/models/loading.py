@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,7 +23,8 @@ from transformers.utils import logging as hf_logging
 
 from offside.errors import OffsideError
 from offside.models.processor import Processor
-from offside.models.tiny import TinySpec, build_tiny
+from offside.models.spec import LoraSpec, ModelSpec, TinySpec, check_model_name  # noqa: F401  (specs: re-exported)
+from offside.models.tiny import build_tiny
 
 META_FILE = "offside_model.json"
 REAL_IMAGE_SIZE = 252  # the published 256×256, rounded down to a multiple of 28 (81 visual tokens)
@@ -39,37 +40,6 @@ LORA_GROUPS = {
     "vision": (r"model\.visual\.blocks\.\d+\.(?:attn|mlp)\.(?:{targets})", "vision_targets"),
     "projector": (r"model\.visual\.merger\.mlp\.(?:{targets})", "projector_targets"),
 }
-
-
-@dataclass
-class LoraSpec:
-    """LoRA adapters on the modules of `groups`. Each group has its own targets (the last part of the
-    module names it adapts):
-    - language: `targets` in `model.language_model.layers.N.{self_attn,mlp}`
-      (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj);
-    - vision: `vision_targets` in `model.visual.blocks.N.{attn,mlp}` (qkv, proj, gate_proj, up_proj, down_proj);
-    - projector: `projector_targets` in `model.visual.merger.mlp` (its Linear layers 0 and 2; 1 is a GELU)."""
-
-    r: int = 8
-    alpha: int = 32
-    dropout: float = 0.05
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    groups: list[str] = field(default_factory=lambda: ["language"])
-    vision_targets: list[str] = field(default_factory=lambda: ["qkv", "proj"])
-    projector_targets: list[str] = field(default_factory=lambda: ["0", "2"])
-
-
-@dataclass
-class ModelSpec:
-    """`name`: "tiny" (built from scratch), a saved model directory, or a hub id."""
-
-    name: str = "tiny"
-    image_size: int | None = None  # None: the saved model's, else 56 for tiny / 252 for real models
-    dtype: str = "fp32"  # fp32 | bf16 | fp16: the weights' dtype in every stage, trial and replica
-    device: str = "auto"  # auto (this process's GPU when there is one, else the CPU) | cpu | cuda | cuda:N
-    tiny: TinySpec = field(default_factory=TinySpec)
-    lora: LoraSpec | None = None
-    freeze_vision: bool = False
 
 
 def build_or_load(spec: ModelSpec, texts: list[str] | None = None, seed: int = 0):
@@ -118,13 +88,17 @@ def _load_pretrained(name: str, dtype: torch.dtype):
     path = Path(name)
     if (path / ADAPTER_FILE).exists():
         return _load_adapter(path, dtype)
+    check_model_name(name)
     if path.exists() and not (path / "config.json").exists():
         raise OffsideError(f"{path}: not a model directory (no config.json) nor an adapter directory ({ADAPTER_FILE})")
     try:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(name)
-    except OSError as err:
-        raise OffsideError(f"cannot load model {name!r}: {err}") from err
+    except (OSError, ValueError) as err:
+        if not path.exists():
+            raise OffsideError(f"model {name!r}: no such directory, and no such model on the Hugging Face Hub "
+                               f"or in its cache ({type(err).__name__})") from err
+        raise OffsideError(f"cannot load model {name!r}: {' '.join(str(err).split())}") from err
     if path.exists():
         model.config._name_or_path = str(path.resolve())  # what a LoRA stage on top of it names as its base
     return model, tokenizer, _saved_image_size(path)
