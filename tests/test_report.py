@@ -301,3 +301,35 @@ def test_rumour_survival_plot_is_drawn_and_embedded(tmp_path):
     embedded = [src for src in parser.sources if src == "data:image/png;base64," + base64.b64encode(
         (out / "rumour_survival.png").read_bytes()).decode()]
     assert len(embedded) == 1 and 'alt="rumour_survival"' in (out / "report.html").read_text()
+
+
+def test_attack_heatmap_says_not_run_without_the_robustness_suite(tmp_path):
+    """No robustness results: the heat-map says so instead of drawing an empty grid that reads as recovery 0."""
+    from offside.report.report import collect, plot_attacks
+
+    model, _ = _vanilla(tmp_path)
+    vanilla = _eval(tmp_path, "eval-plain", model, _metrics(1.0, 0.9, {}, {}), "rp")
+    rows = collect(ReportConfig(runs=[str(vanilla)], out=str(tmp_path / "r")))
+    (axes, *_) = plot_attacks(rows).axes
+    assert not axes.images and any(t.get_text().startswith("not run") for t in axes.texts)
+    (drawn, *_) = plot_attacks(collect(ReportConfig(runs=[str(_vanilla(tmp_path, "v2")[1])], out=str(tmp_path / "s")))).axes
+    assert drawn.images and not any("not run" in t.get_text() for t in drawn.texts)
+
+
+def test_the_html_defines_its_columns_and_states_the_findings_the_runs_allow(tmp_path):
+    """A method in two scenarios (and its attacks) allows findings 1, 2 and 5; one scenario alone allows
+    finding 2 and 5 only; the page defines every score column."""
+    from offside.report.report import COLUMN_DEFINITIONS
+
+    model, vanilla = _vanilla(tmp_path)
+    complete = _eval(tmp_path, "eval-ga", _model(tmp_path, "ga", "unlearn", "ga", "complete", base=model),
+                     _metrics(0.4, 0.7, {"none": 0.3, "few_shot": 0.5}, {}, visual=0.5, textual=0.3), "r1")
+    unimodal = _eval(tmp_path, "eval-ga-uni", _model(tmp_path, "ga-uni", "unlearn", "ga", "unimodal", base=model),
+                     _metrics(0.7, 0.8, {"none": 0.6}, {}, visual=0.8, textual=0.6), "r2")
+    page = (make_report(ReportConfig(runs=[str(vanilla), str(complete), str(unimodal)], out=str(tmp_path / "r"))) / "report.html").read_text()
+    assert "<h2>Columns</h2>" in page and all(f"<dt>{name}</dt>" in page for name in COLUMN_DEFINITIONS)
+    assert "<h2>Findings</h2>" in page
+    assert "<td>1 unimodal fails on the image form</td><td>+0.300</td><td>yes</td><td>ga +0.300</td>" in page  # 0.7 − 0.4
+    assert "5 prompt attacks recover rumours: few_shot" in page
+    alone = (make_report(ReportConfig(runs=[str(vanilla), str(complete)], out=str(tmp_path / "s"))) / "report.html").read_text()
+    assert "1 unimodal fails" not in alone and "2 visual rumours" in alone
