@@ -317,19 +317,24 @@ def test_attack_heatmap_says_not_run_without_the_robustness_suite(tmp_path):
 
 
 def test_the_html_defines_its_columns_and_states_the_findings_the_runs_allow(tmp_path):
-    """A method in two scenarios (and its attacks) allows findings 1, 2 and 5; one scenario alone allows
-    finding 2 and 5 only; the page defines every score column."""
+    """GA in two scenarios over two seeds allows findings 1, 2 and 5 (the unimodal − complete gap
+    per seed: +0.3, +0.2); one scenario alone allows 2 and 5; one seed each, only a note. The page
+    defines every score column."""
     from offside.report.report import COLUMN_DEFINITIONS
 
     model, vanilla = _vanilla(tmp_path)
-    complete = _eval(tmp_path, "eval-ga", _model(tmp_path, "ga", "unlearn", "ga", "complete", base=model),
-                     _metrics(0.4, 0.7, {"none": 0.3, "few_shot": 0.5}, {}, visual=0.5, textual=0.3), "r1")
-    unimodal = _eval(tmp_path, "eval-ga-uni", _model(tmp_path, "ga-uni", "unlearn", "ga", "unimodal", base=model),
-                     _metrics(0.7, 0.8, {"none": 0.6}, {}, visual=0.8, textual=0.6), "r2")
-    page = (make_report(ReportConfig(runs=[str(vanilla), str(complete), str(unimodal)], out=str(tmp_path / "r"))) / "report.html").read_text()
+    runs = []
+    for scenario, forgets in (("complete", (0.4, 0.5)), ("unimodal", (0.7, 0.7))):
+        for seed, forget in enumerate(forgets):
+            ga = _model(tmp_path, f"ga-{scenario}-seed{seed}", "unlearn", "ga", scenario, seed=seed, base=model)
+            runs.append(_eval(tmp_path, f"eval-ga-{scenario}-seed{seed}", ga, _metrics(
+                forget, 0.7, {"none": 0.3, "few_shot": 0.4 + 0.1 * seed}, {}, visual=0.5, textual=0.3), f"r{scenario}{seed}"))
+    page = (make_report(ReportConfig(runs=[str(vanilla), *map(str, runs)], out=str(tmp_path / "r"))) / "report.html").read_text()
     assert "<h2>Columns</h2>" in page and all(f"<dt>{name}</dt>" in page for name in COLUMN_DEFINITIONS)
-    assert "<h2>Findings</h2>" in page
-    assert "<td>1 unimodal fails on the image form</td><td>+0.300</td><td>yes</td><td>ga +0.300</td>" in page  # 0.7 − 0.4
-    assert "5 prompt attacks recover rumours: few_shot" in page
-    alone = (make_report(ReportConfig(runs=[str(vanilla), str(complete)], out=str(tmp_path / "s"))) / "report.html").read_text()
-    assert "1 unimodal fails" not in alone and "2 visual rumours" in alone
+    across = f"+0.250 ± {12.706 * 0.05:.3f}"  # mean of +0.3 and +0.2, Student's t over 2 seeds
+    assert f"<td>1 unimodal fails on the image form</td><td>{across}</td><td>undecided</td><td>ga {across}</td>" in page
+    assert "2 visual rumours" in page and "5 prompt attacks recover rumours: few_shot" in page
+    alone = (make_report(ReportConfig(runs=[str(vanilla), *map(str, runs[:2])], out=str(tmp_path / "s"))) / "report.html").read_text()
+    assert "<h2>Findings</h2>" in alone and "1 unimodal fails" not in alone and "2 visual rumours" in alone
+    one = (make_report(ReportConfig(runs=[str(vanilla), str(runs[0])], out=str(tmp_path / "t"))) / "report.html").read_text()
+    assert "report runs of at least two seeds" in one and "2 visual rumours" not in one

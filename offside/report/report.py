@@ -436,11 +436,17 @@ def findings_rows(rows: list[Row]) -> list[dict]:
 
 def findings_html(rows: list[Row]) -> str:
     """The paper's findings that these runs can state (pairs of scenarios of a method, visual and textual
-    survival, attacks against the plain query), as a table; empty when they allow none."""
+    survival, attacks against the plain query) over their seeds, as a table; a note when the runs have
+    one seed each (a finding is a difference with an interval over seeds)."""
     from offside.report.findings import findings, render
 
     matrix = findings_rows(rows)
-    table = render(findings(matrix, matrix), max((len(r["runs"]) for r in matrix), default=1)).strip().splitlines()
+    if not matrix:
+        return ""
+    if len(matrix[0]["runs"]) < 2:
+        return ("<h2>Findings</h2><p>The paper's findings are differences with 95 % intervals over training seeds: "
+                "report runs of at least two seeds to see them (offside matrix --seeds 3, offside quickstart --seeds 2).</p>")
+    table = render(findings(matrix, matrix), len(matrix[0]["runs"])).strip().splitlines()
     lines = [line for line in table if line.startswith("|")][2:]
     if not lines:
         return ""
