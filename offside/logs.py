@@ -26,7 +26,8 @@ def configure(verbose: bool = False) -> None:
         return
     for name, value in QUIET_ENV.items():
         os.environ.setdefault(name, value)
-    for name in (*RAY_LOGGERS, "torch.distributed", "py.warnings"):
+    # bitsandbytes and its `kernels` loader warn on every 4-bit load when the hub is offline.
+    for name in (*RAY_LOGGERS, "torch.distributed", "py.warnings", "bitsandbytes", "kernels"):
         logging.getLogger(name).setLevel(logging.ERROR)
     # DeepSpeed sets its logger's level when it is imported (and warns about the accelerator right then);
     # a filter on the logger outlives that.
