@@ -63,6 +63,7 @@ def _eval_worker(rank: int, world: int, port: int, limit: int, out: str) -> None
 
     _join(rank, world, port)
     from offside.data.loader import load_benchmark
+    from offside.engine import comm
     from offside.data.rows import materialise
     from offside.eval.evaluate import EvalSpec, evaluate
     from offside.models.loading import ModelSpec, build_or_load
@@ -74,7 +75,7 @@ def _eval_worker(rank: int, world: int, port: int, limit: int, out: str) -> None
     evaluate(model, processor, rows, EvalSpec(splits=["forget"], limit=2, max_new_tokens=4), progress=False)  # warm-up
     walls = []
     for _ in range(REPEATS):  # the fastest of a few: other processes on the machine only ever slow a run
-        dist.barrier()
+        comm.barrier()
         start = time.perf_counter()
         metrics, predictions = evaluate(model, processor, rows, spec, progress=False)
         walls.append(time.perf_counter() - start)

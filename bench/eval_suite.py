@@ -1,4 +1,4 @@
-"""Evaluation suites: wall time and samples/s per suite (efficacy, generalization, utility,
+"""Evaluation suites: wall time and samples/s per suite (efficacy, generalization, visual, utility,
 robustness) for the tiny model, and the ratio against a one-example-at-a-time loop done the published
 way (generate per example; multiple choice by listing the options, generating and parsing the letter),
 timed on a sample of each suite's items in the same run.
@@ -10,7 +10,7 @@ exists, else a fresh 12-player synthetic benchmark and an untrained tiny model. 
 queries (predictions; for robustness the prompt- and image-attack queries — its wall time also
 covers int8, the bitsandbytes NF4/FP4 copies, logit lens, MIA and the relearning curve). The
 robustness suite also gets a table per attack: wall time (attacking + scoring; for int8/nf4/fp4
-quantising + scoring), items and items/s. Target: all four suites < 300 s on 2 cores.
+quantising + scoring), items and items/s. Target: all suites < 300 s on 2 cores.
 Ends with one JSON line of the figures."""
 
 from __future__ import annotations
@@ -31,18 +31,23 @@ from eval_throughput import load_model, published_gen, published_mcq  # noqa: E4
 
 from offside.data.general import general_rows  # noqa: E402
 from offside.data.loader import load_benchmark  # noqa: E402
+from offside.data.photos import PhotoBook  # noqa: E402
 from offside.data.rows import materialise  # noqa: E402
 from offside.data.synth import generate as synthesise  # noqa: E402
 from offside.eval.evaluate import EvalSpec  # noqa: E402
 from offside.eval.suites import SUITE_SPLITS, SUITES, RobustnessSpec, UtilitySpec, attack_rows, run_suites  # noqa: E402
+from offside.eval.visual import probe_rows  # noqa: E402
 
 QUICKSTART = Path("runs/quickstart")
 TARGET_S = 300.0
 
 
-def suite_items(suite: str, rows: dict[str, list[dict]], utility: UtilitySpec, robustness: RobustnessSpec) -> list[dict]:
+def suite_items(suite: str, rows: dict[str, list[dict]], utility: UtilitySpec, robustness: RobustnessSpec, data: str) -> list[dict]:
     if suite == "robustness":
         return attack_rows(rows, robustness)
+    if suite == "visual":  # the photos it draws of the forget players
+        probes, _ = probe_rows(PhotoBook.of(data), [r for r in rows.get("forget", []) if r["modality"] == "image"])
+        return [r for probe in probes.values() for r in probe]
     items = [r for split in SUITE_SPLITS[suite] for r in rows.get(split, [])]
     return items + (general_rows(utility.general_scenes, utility.general_seed) if suite == "utility" else [])
 
@@ -81,11 +86,11 @@ def main() -> int:
         table, attacks = {}, {}
         for suite in SUITES:
             start = time.perf_counter()
-            result = run_suites(model, processor, rows, [suite], spec, utility, robustness, Path(tmp), progress=False)
+            result = run_suites(model, processor, rows, [suite], spec, utility, robustness, Path(tmp), progress=False, data_dir=data)
             seconds = time.perf_counter() - start
             attacks |= attack_table(result.timings, result.attack_records, attack_rows(rows, robustness))
             samples = len(result.predictions) + len(result.attack_records)
-            baseline = published_rate(model, processor, suite_items(suite, rows, utility, robustness), args.sample)
+            baseline = published_rate(model, processor, suite_items(suite, rows, utility, robustness, data), args.sample)
             table[suite] = {"seconds": round(seconds, 2), "samples": samples, "samples_per_s": round(samples / seconds, 2),
                             "published_samples_per_s": round(baseline, 2),
                             "speedup": round(samples / seconds / baseline, 2)}

@@ -41,7 +41,7 @@ def load_benchmark(data: str | os.PathLike):
 def finetune(data: str | os.PathLike, out: str | os.PathLike, model: str = "tiny", *, config: str | None = None,
              overrides: dict[str, Any] | None = None, progress: bool = True, **flags):
     """Fine-tunes the vanilla model (`offside finetune`): it learns the facts and the rumours. `flags`:
-    split, epochs, lr, seed, phrasings, dtype, device. The tiny model trains with the tiny recipe wherever
+    split, epochs, lr, seed, phrasings, photos, dtype, device. The tiny model trains with the tiny recipe wherever
     nothing else is set, as on the command line."""
     return _stage("finetune", {"data": data, "out": out, "model": model, **flags}, config, overrides, progress)
 
@@ -66,8 +66,8 @@ def relearn(data: str | os.PathLike, model: str | os.PathLike, out: str | os.Pat
 def evaluate(data: str | os.PathLike, model: str | os.PathLike, out: str | os.PathLike, *,
              suites: list[str] | None = None, config: str | None = None, overrides: dict[str, Any] | None = None,
              progress: bool = True, **flags):
-    """Evaluates a model (`offside eval`) with `suites` (default all four: efficacy, generalization,
-    utility, robustness; robustness takes minutes per model). `flags`: mcq_mode, dtype, device."""
+    """Evaluates a model (`offside eval`) with `suites` (default all five: efficacy, generalization,
+    visual, utility, robustness; robustness takes minutes per model). `flags`: mcq_mode, dtype, device."""
     return _stage("eval", {"data": data, "model": model, "out": out, "suite": suites, **flags}, config, overrides, progress)
 
 

@@ -55,7 +55,8 @@ def _flags() -> dict[str, dict[str, Flag]]:
     out = Flag("out", "new directory for this stage's outputs (refused if it exists and is not empty)", metavar="DIR")
     model = Flag("model.name", "`tiny`, a model or LoRA adapter directory, a hub id, or models:/NAME@ALIAS", metavar="MODEL")
     trained = Flag("model.name", "the model to start from: a model or adapter directory, or models:/NAME@ALIAS", metavar="MODEL")
-    dtype = Flag("model.dtype", "precision of the weights (bf16 for real checkpoints on GPUs)", choices=DTYPE_CHOICES)
+    dtype = Flag("model.dtype", "precision of the weights; auto: the checkpoint's own (bf16 for a published "
+                 "Qwen2.5-VL, fp32 for the tiny model)", choices=DTYPE_CHOICES)
     device = Flag("model.device", "auto (this process's GPU if there is one, else the CPU), cpu, cuda or cuda:N", metavar="DEVICE")
     train = {"epochs": Flag("train.epochs", "training epochs", int), "lr": Flag("train.lr", "learning rate", float),
              "seed": Flag("train.seed", "training seed (data order, LoRA initialisation)", int)}
@@ -65,7 +66,9 @@ def _flags() -> dict[str, dict[str, Flag]]:
                                    "retain a retain-only reference model", choices=tuple(FINETUNE_SPLITS)),
                      **train,
                      "phrasings": Flag("phrasings", "wordings per training question (the canonical one + others)", int,
-                                       choices=tuple(range(1, MAX_PHRASINGS + 1)))},
+                                       choices=tuple(range(1, MAX_PHRASINGS + 1))),
+                     "photos": Flag("photos", "photos of each retain context: the published one + new ones drawn in the "
+                                    "same kit, shown with the other wordings (synthetic benchmarks; needs phrasings ≥ 2)", int)},
         "unlearn": {"data": data, "out": out, "model": trained, "dtype": dtype, "device": device,
                     "method": Flag("method", "unlearning method (offside/unlearn/)", choices=tuple(method_names())),
                     "scenario": Flag("scenario", "what is forgotten: complete (all 14 questions of each forget image), selective "
@@ -180,7 +183,7 @@ def cmd_stage(args: argparse.Namespace) -> None:
     if args.command == "unlearn" and args.register:
         from offside.registry import register_stage
 
-        _say(f"registered models:/{args.register}/{register_stage(result.run_dir, args.register)} (alias best)")
+        _say(f"registered {register_stage(result.run_dir, args.register)}")
 
 
 HEADLINES = (("forget img acc", "forget/image/all/mcq_acc"), ("retain img acc", "retain/image/all/mcq_acc"),
@@ -249,16 +252,11 @@ def cmd_report(args) -> None:
 
 
 def cmd_findings(args) -> None:
-    from offside.report.findings import findings, render
+    from offside.report.findings import findings, load_matrix, render, seeds_of
 
-    def rows(directory: str | None) -> list[dict]:
-        path = os.path.join(directory, "results.json") if directory else ""
-        if path and not os.path.isfile(path):
-            raise OffsideError(f"{directory}: no results.json (a directory written by `offside matrix`)")
-        return json.loads(Path(path).read_text()) if path else []
-
-    matrix = rows(args.matrix)
-    print(render(findings(matrix, rows(args.attacks)), max(len(row.get("runs") or [row]) for row in matrix)))
+    matrix = load_matrix(args.matrix)
+    attacked = load_matrix(args.attacks) if args.attacks else []
+    print(render(findings(matrix, attacked), seeds_of(matrix)))
 
 
 def cmd_export(args) -> None:
@@ -322,6 +320,8 @@ COMMAND_PACKAGES = ("tune_jobs.cli", "serve.cli", "cluster.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from offside.models.spec import WEIGHT_DTYPES
+
     parser = OffsideParser(prog="offside", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"offside {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OffsideParser)
@@ -346,9 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     _with_json(_stage_parser(sub, "finetune", "fine-tune the vanilla model: it learns the facts and the rumours"))
     unlearn = _stage_parser(sub, "unlearn", "run an unlearning method in a scenario")
     _with_json(unlearn)
-    unlearn.add_argument("--register", metavar="NAME", help="register the unlearned model in the MLflow Model Registry as NAME (alias best)")
+    unlearn.add_argument("--register", metavar="NAME",
+                         help="register the unlearned model in the MLflow Model Registry as a new version of NAME")
     _with_json(_stage_parser(sub, "relearn", "corrective relearning: fine-tune on the true facts, then evaluate"))
-    _with_json(_stage_parser(sub, "eval", "evaluate a model with the suites efficacy, generalization, utility, robustness"))
+    _with_json(_stage_parser(sub, "eval", "evaluate a model with the suites efficacy, generalization, visual, utility, robustness"))
 
     report = sub.add_parser("report", help="leaderboard.md, a self-contained report.html and plots from eval runs (logged to MLflow)")
     report.add_argument("--runs", nargs="+", required=True, metavar="DIR", help="eval run directories")
@@ -366,9 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     found.set_defaults(func=cmd_findings)
 
     export = sub.add_parser("export", help="merge a LoRA stage's adapter into its base: a plain model directory")
-    export.add_argument("--model", required=True, metavar="DIR", help="an adapter directory (or any model directory)")
+    export.add_argument("--model", required=True, metavar="MODEL",
+                        help="an adapter directory (or any model directory, or a registry URI models:/NAME@ALIAS)")
     export.add_argument("--out", required=True, metavar="DIR", help="new directory for the merged model")
-    export.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="precision of the merged weights")
+    export.add_argument("--dtype", default="fp32", choices=WEIGHT_DTYPES, help="precision of the merged weights")
     export.set_defaults(func=cmd_export)
 
     for module in COMMAND_PACKAGES:

@@ -16,18 +16,18 @@ from pathlib import Path
 from typing import TypeVar
 
 from offside.config import deep_merge, from_dict, read_yaml
-from offside.data.phrasings import check_phrasings
+from offside.data.phrasings import check_photos, check_phrasings
 from offside.data.schema import DATA_FILES, MODALITIES, REQUIRED_SPLITS, SCENARIOS, split_files
 from offside.engine.spec import TrainSpec, check_train
 from offside.errors import OffsideError
-from offside.eval.spec import SUITES, EvalSpec, RobustnessSpec, UtilitySpec, check, check_suites
+from offside.eval.spec import CHEAP_SUITES, SUITES, EvalSpec, RobustnessSpec, UtilitySpec, check, check_suites
 from offside.files import check_out
 from offside.models.spec import DTYPE_CHOICES, LoraSpec, ModelSpec, check_model, check_model_name
 from offside.recipes import PUBLISHED_RELEARN, PUBLISHED_UNLEARN, TINY_PHRASINGS, tiny_vanilla
 
 T = TypeVar("T")
 FINETUNE_SPLITS = {"retain+forget": ("retain", "forget"), "retain": ("retain",), "relearn": ("relearn",)}
-EVAL_SUITES = list(SUITES)  # `offside eval` and `EvalConfig()` run all four
+EVAL_SUITES = list(SUITES)  # `offside eval` and `EvalConfig()` run all five
 
 
 @dataclass
@@ -44,6 +44,10 @@ class FinetuneConfig:
     # each training question in this many wordings: the canonical one + drawn others (offside/data/phrasings.py);
     # None: the recipe's (3 for the tiny model with its recipe, else 1)
     phrasings: int | None = None
+    # photos of each retain context: the published one + photos − 1 new ones, shown with the other wordings
+    # (synthetic benchmarks only; offside/data/photos.py). 1 in every recipe: on the tiny model new photos did
+    # not teach the club from the kit (docs/results.md, the visual-reading suite)
+    photos: int = 1
 
 
 @dataclass
@@ -79,7 +83,7 @@ class RelearnConfig:
 
 @dataclass
 class EvalConfig:
-    """`offside eval`: the suites (all four by default; robustness costs minutes per model)."""
+    """`offside eval`: the suites (all five by default; robustness costs minutes per model)."""
 
     data: str = ""
     out: str = ""
@@ -110,7 +114,7 @@ class MatrixConfig:
     forget_fraction: float = 1.0
     eval: EvalSpec = field(default_factory=EvalSpec)
     allow_untrained: bool = False  # run even when the vanilla model has not learned the benchmark
-    suites: list[str] = field(default_factory=lambda: list(SUITES[:3]))  # every cell's (and vanilla's) evaluation
+    suites: list[str] = field(default_factory=lambda: list(CHEAP_SUITES))  # every cell's (and vanilla's) evaluation
     robustness: RobustnessSpec = field(default_factory=RobustnessSpec)
     seeds: int = 1  # each cell runs with train.seed 0..seeds-1 (data order, LoRA init); rows: mean ± 95 % interval
 
@@ -204,8 +208,7 @@ def validate(config) -> None:
     if isinstance(config, FinetuneConfig):
         if config.split not in FINETUNE_SPLITS:
             raise OffsideError(f"split: unknown {config.split!r} (valid: {', '.join(FINETUNE_SPLITS)})")
-        if config.phrasings is not None:
-            check_phrasings(config.phrasings)
+        check_photos(config.photos, resolved(config).phrasings)
     elif isinstance(config, UnlearnConfig):
         _check_method(config.method)
         _check_scenario(config.scenario)

@@ -23,7 +23,7 @@ from offside.config import to_dict
 from offside.configs import (FINETUNE_SPLITS, EvalConfig, FinetuneConfig, RelearnConfig,  # noqa: F401  (configs: re-exported)
                              UnlearnConfig, resolved, validate)
 from offside.data.loader import data_hash, load_benchmark
-from offside.data.phrasings import with_phrasings
+from offside.data.phrasings import photo_book, with_phrasings
 from offside.data.rows import materialise
 from offside.data.scenarios import forget_share, select
 from offside.data.schema import MODALITIES
@@ -34,9 +34,11 @@ from offside.files import atomic_dir, check_out
 from offside.eval.evaluate import EvalSpec, check, evaluate
 from offside.eval.sanity import checked
 from offside.eval.suites import check_suites, run_suites
-from offside.models.loading import ModelSpec, adapter_lora, build_or_load, gathered_for_save, resolve_device, save
+from offside.models.loading import (ModelSpec, adapter_lora, build_or_load, gathered_for_save, resolve_device, resolved_dtype,
+                                   save)
 from offside.provenance import git_sha, model_provenance
-from offside.tracking import Run, stage_run
+from offside.registry import LocalModel, local_model
+from offside.tracking import Run, stage_run, tracking_uri
 from offside.unlearn import get_method
 
 
@@ -55,14 +57,16 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> StageResult:
     recipe (the tiny recipe for `tiny`). The vanilla model is checked for having learned the benchmark
     (manifest.json `vanilla_check`; a warning when it has not)."""
     validate(config)
-    config = resolved(config)
+    config, models = _started(resolved(config))
     bench = load_benchmark(config.data)
+    book = photo_book(config.data, config.photos)
     rows = [r for split in FINETUNE_SPLITS[config.split] for r in materialise(bench[split])]
-    streams = {"train": with_phrasings(training_rows(rows, config.modalities), config.phrasings, config.train.seed)}
+    streams = {"train": with_phrasings(training_rows(rows, config.modalities), config.phrasings, config.train.seed,
+                                       config.photos, book)}
     texts = [t for split in bench.values() for column in ("question", "answer") for t in split[column]]
     if config.phrasings > 1:  # the other wordings' words join the tiny tokenizer's text (one wording: all in it already)
         texts += [r["question"] for r in streams["train"]]
-    model, processor = build_or_load(config.model, texts, seed=config.train.seed)
+    model, processor = build_or_load(models.spec(config.model), texts, seed=config.train.seed, train=config.train)
     manifest: dict = {}
 
     def body(out: Path, run: Run) -> dict[str, float]:
@@ -71,7 +75,7 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> StageResult:
             manifest["vanilla_check"] = checked(model, processor, bench, config.out)
         return metrics
 
-    return run_stage("finetune", config, {"stage": "finetune", "split": config.split}, body, manifest)
+    return run_stage("finetune", config, models, {"stage": "finetune", "split": config.split}, body, manifest)
 
 
 def unlearn(config: UnlearnConfig, progress: bool = True, vanilla_check: dict | None = None) -> StageResult:
@@ -80,14 +84,16 @@ def unlearn(config: UnlearnConfig, progress: bool = True, vanilla_check: dict | 
     one in `out`). `vanilla_check`: the check of config.model when the caller has made it already (the
     matrix)."""
     validate(config)
-    method = get_method(config.method, config.method_args)
+    get_method(config.method, config.method_args)  # a bad method or argument fails before any download
+    config, models = _started(config)
+    method = get_method(config.method, models.method_args(config.method_args))
     bench = load_benchmark(config.data)
     forget, retain = select(bench, config.scenario)
     forget = forget_share(forget, config.forget_fraction, config.train.seed)
     streams = {"forget": training_rows(materialise(forget), config.modalities),
                "retain": training_rows(materialise(retain), config.modalities)}
     relearn_rows = training_rows(materialise(bench["relearn"]), config.modalities) if config.scenario == "relearning" else []
-    model, processor = build_or_load(config.model, seed=config.train.seed)
+    model, processor = build_or_load(models.spec(config.model), seed=config.train.seed, train=config.train)
     manifest = {"vanilla_check": vanilla_check or checked(model, processor, bench, config.model.name)}
     tags = {"stage": "unlearn", "method": config.method, "scenario": config.scenario}
 
@@ -95,20 +101,21 @@ def unlearn(config: UnlearnConfig, progress: bool = True, vanilla_check: dict | 
         if config.scenario != "relearning":
             return _fit_and_save(out, run, model, processor, method, streams, config.train, config, bench, progress)
         metrics = _fit_and_save(out / "unlearned", run, model, processor, method, streams, config.train, config, bench, progress)
-        relearner, _ = build_or_load(replace(config.model, name=str(out / "unlearned")))
+        relearner, _ = build_or_load(replace(config.model, name=str(out / "unlearned")), train=config.relearn)
         relearned = _fit_and_save(out, run, relearner, processor, FineTune(), {"train": relearn_rows}, config.relearn,
                                   config, bench, progress, step_offset=config.train.epochs)
         return metrics | {f"relearn/{k}": v for k, v in relearned.items()}
 
-    return run_stage("unlearn", config, tags, body, manifest)
+    return run_stage("unlearn", config, models, tags, body, manifest)
 
 
 def relearn(config: RelearnConfig, progress: bool = True) -> StageResult:
     """Corrective relearning: fine-tunes an unlearned model on the relearn set (the true transfers),
     saves it, and evaluates every split (predictions.jsonl)."""
     validate(config)
+    config, models = _started(config)
     bench = load_benchmark(config.data)
-    model, processor = build_or_load(config.model, seed=config.train.seed)
+    model, processor = build_or_load(models.spec(config.model), seed=config.train.seed, train=config.train)
     streams = {"train": training_rows(materialise(bench["relearn"]), config.modalities)}
     rows = {split: materialise(bench[split]) for split in config.eval.splits}
 
@@ -117,24 +124,25 @@ def relearn(config: RelearnConfig, progress: bool = True) -> StageResult:
         relearned, _ = build_or_load(replace(config.model, name=str(out), lora=None))
         return trained | _evaluate_into(out, relearned, processor, rows, config.eval, progress)
 
-    return run_stage("relearn", config, {"stage": "relearn", "model": config.model.name}, body)
+    return run_stage("relearn", config, models, {"stage": "relearn", "model": config.model.name}, body)
 
 
 def evaluate_model(config: EvalConfig, progress: bool = True) -> StageResult:
-    """Evaluates `config.model` with `config.suites` (default all four) and writes metrics.json,
+    """Evaluates `config.model` with `config.suites` (default all five) and writes metrics.json,
     predictions.jsonl (and attacks.jsonl, notes.txt for the robustness suite) to `config.out`."""
     validate(config)
     check_suites(config.suites, config.robustness)  # attack names, against the registry
+    config, models = _started(config)
     bench = load_benchmark(config.data)
-    model, processor = build_or_load(config.model)
+    model, processor = build_or_load(models.spec(config.model))
     rows = {split: materialise(bench[split]) for split in bench}
+    if config.robustness.relearn_lora is None:  # a LoRA stage is attacked as it was trained: with LoRA (config.yaml says so)
+        config = replace(config, robustness=replace(config.robustness, relearn_lora=adapter_lora(Path(models.model.path))))
     robustness = config.robustness
-    if robustness.relearn_lora is None:  # a LoRA stage is attacked as it was trained: with LoRA
-        robustness = replace(robustness, relearn_lora=adapter_lora(Path(config.model.name)))
 
     def body(out: Path, run: Run) -> dict[str, float]:
         result = run_suites(model, processor, rows, config.suites, config.eval, config.utility, robustness,
-                            out, progress)
+                            out, progress, data_dir=config.data)
         if is_main_rank():
             _write_jsonl(out / "predictions.jsonl", result.predictions)
             if result.attack_records:
@@ -144,7 +152,7 @@ def evaluate_model(config: EvalConfig, progress: bool = True) -> StageResult:
         return result.metrics
 
     tags = {"stage": "eval", "model": config.model.name, "suites": ",".join(config.suites)}
-    return run_stage("eval", config, tags, body)
+    return run_stage("eval", config, models, tags, body)
 
 
 def export_merged(model: str, out: str, dtype: str = "fp32") -> Path:
@@ -152,14 +160,16 @@ def export_merged(model: str, out: str, dtype: str = "fp32") -> Path:
     base, saved as a plain model directory, with the stage's config.yaml and manifest.json (so the
     report reads its method and scenario) and export.json naming what it came from."""
     target = check_out(out)
-    source = Path(model)
-    merged, processor = build_or_load(ModelSpec(model, dtype=dtype, device="cpu"))
+    named = local_model(model, tracking_uri(target.resolve().parent))
+    source = Path(named.path)
+    merged, processor = build_or_load(ModelSpec(named.path, dtype=dtype, device="cpu"))
     with atomic_dir(target) as tmp:
         save(merged, processor, tmp, merge=True)
         for name in ("config.yaml", "manifest.json"):
             if (source / name).exists():
                 shutil.copy2(source / name, tmp / name)
-        (tmp / "export.json").write_text(json.dumps({"from": str(source.resolve()), "dtype": dtype}, indent=2) + "\n")
+        origin = {"from": named.name, "version": named.version} if named.version else {"from": named.name}
+        (tmp / "export.json").write_text(json.dumps(origin | {"dtype": dtype}, indent=2) + "\n")
     return target
 
 
@@ -213,11 +223,12 @@ def _epoch_line(epoch: int, epochs: int, logs: dict) -> None:
     tqdm.write(f"  epoch {epoch}/{epochs}: loss {logs.get('train/loss', float('nan')):.4f} (step {logs.get('step', 0)})")
 
 
-def run_stage(stage: str, config, tags: dict[str, str], body: Callable[[Path, Run], dict],
+def run_stage(stage: str, config, models: StageModels, tags: dict[str, str], body: Callable[[Path, Run], dict],
               manifest: dict | None = None) -> StageResult:
     """Runs `body` in a temp directory beside `config.out` and renames it into place on success;
     on failure the temp directory is removed and the MLflow run is marked FAILED. `manifest`: extra
-    manifest.json entries, read when `body` has returned (so it may add to them). Under a launcher,
+    manifest.json entries, read when `body` has returned (so it may add to them); `models`: what
+    `_started` resolved the stage's models to. Under a launcher,
     ranks other than 0 run `body` in rank 0's directory, writing nothing and logging nowhere."""
     out = check_out(config.out)
     if launched():
@@ -233,7 +244,7 @@ def run_stage(stage: str, config, tags: dict[str, str], body: Callable[[Path, Ru
         (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
         metrics = from_main_rank(body(tmp, run))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        entries = _manifest(stage, config, started, run.run_id) | (manifest or {})
+        entries = _manifest(stage, config, models, started, run.run_id) | (manifest or {})
         (tmp / "manifest.json").write_text(json.dumps(entries, indent=2) + "\n")
         run.log_metrics(metrics)
         run.log_artifacts(tmp)
@@ -247,7 +258,43 @@ class _NoRun:
         pass
 
 
-def _manifest(stage: str, config, started: float, run_id: str) -> dict:
+@dataclass(frozen=True)
+class StageModels:
+    """The models a stage names, resolved once at its start (`_started`): what everything after loads."""
+
+    model: LocalModel
+    reference: LocalModel | None = None  # a method's reference model (method_args.reference), if a model
+
+    def spec(self, spec: ModelSpec) -> ModelSpec:
+        return replace(spec, name=self.model.path)
+
+    def method_args(self, args: dict) -> dict:
+        return args | {"reference": self.reference.path} if self.reference else args
+
+    def manifest(self) -> dict:
+        """Registry URI and version of the model (None for a directory) and of a registered reference."""
+        reference = self.reference.manifest("reference") if self.reference and self.reference.version else {}
+        return self.model.manifest("model") | reference
+
+
+def _started(config):
+    """A stage's start: its config with its paths absolute (config.yaml, the manifest and the MLflow
+    params are read from anywhere), and the models it names resolved once to what loads here: a
+    registry URI, looked up in the tracking store the stage's own run uses, to its downloaded
+    directory. config.yaml keeps the URI; the manifest adds its version."""
+    out = Path(config.out).resolve()
+    store = tracking_uri(out.parent)
+    model = local_model(config.model.name, store)
+    config = replace(config, out=str(out), data=str(Path(config.data).resolve()) if config.data else "",
+                     model=replace(config.model, name=model.name))
+    reference = getattr(config, "method_args", {}).get("reference")
+    if not isinstance(reference, str) or reference == "vanilla":
+        return config, StageModels(model)
+    reference = local_model(reference, store)
+    return replace(config, method_args=config.method_args | {"reference": reference.name}), StageModels(model, reference)
+
+
+def _manifest(stage: str, config, models: StageModels, started: float, run_id: str) -> dict:
     import deepspeed
     import torch
     import transformers
@@ -262,20 +309,20 @@ def _manifest(stage: str, config, started: float, run_id: str) -> dict:
             "offside": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "deepspeed": deepspeed.__version__,
         },
-        **_model_manifest(config),
+        **_model_manifest(config, models),
         "mlflow_run_id": run_id,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "wall_time_s": round(time.time() - started, 3),
     }
 
 
-def _model_manifest(config) -> dict:
-    """The model a stage started from and how it ran: path, revision, content hash, dtype, device
-    type, world size and ZeRO stage."""
+def _model_manifest(config, models: StageModels) -> dict:
+    """The model a stage started from and how it ran: path, revision, content hash, registry URI and
+    version (a reference model's too), dtype, device type, world size and ZeRO stage."""
     import torch.distributed as dist
 
     train = getattr(config, "train", None)
-    return {**model_provenance(config.model.name), "dtype": config.model.dtype,
+    return {**model_provenance(models.model.path), **models.manifest(), "dtype": resolved_dtype(models.spec(config.model)),
             "device": resolve_device(config.model.device).type,
             "world_size": dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1,
             "zero_stage": train.zero_stage if train else None}

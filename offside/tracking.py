@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from offside.config import flatten
@@ -21,6 +22,26 @@ PARAM_VALUE_LIMIT = 6000
 
 def tracking_uri(work_dir: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path(work_dir) / 'mlflow.db').resolve()}"
+
+
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: `mlartifacts/` beside a SQLite store; None for a
+    tracking server, whose --artifacts-destination decides."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+
+
+def experiment_id(client: MlflowClient) -> str:
+    """The id of experiment `offside` (or $OFFSIDE_EXPERIMENT), created on first use."""
+    name = os.environ.get("OFFSIDE_EXPERIMENT", EXPERIMENT)
+    experiment = client.get_experiment_by_name(name)
+    if experiment:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_root(client.tracking_uri))
+    except MlflowException:  # another process created it first
+        return client.get_experiment_by_name(name).experiment_id
 
 
 class Run:
@@ -47,10 +68,7 @@ class Run:
 def stage_run(work_dir: Path, run_name: str, config: dict, tags: dict[str, str]):
     """Opens a run, yields a Run; ends it FINISHED, or FAILED if the stage raised."""
     client = MlflowClient(tracking_uri(work_dir))
-    experiment_name = os.environ.get("OFFSIDE_EXPERIMENT", EXPERIMENT)
-    experiment = client.get_experiment_by_name(experiment_name)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(experiment_name)
-    run = client.create_run(experiment_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
+    run = client.create_run(experiment_id(client), run_name=run_name, tags={k: str(v) for k, v in tags.items()})
     params = [Param(k, str(v)[:PARAM_VALUE_LIMIT]) for k, v in flatten(config).items()]
     for i in range(0, len(params), 90):
         client.log_batch(run.info.run_id, params=params[i : i + 90])

@@ -9,6 +9,8 @@ import asyncio
 import dataclasses
 import functools
 import hmac
+import logging
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import ray
@@ -24,15 +26,23 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve import completions
 from serve.batcher import Batcher
-from serve.chat import ChatJob
+from serve.chat import GenerateJob, ScoreJob
 from serve.inputs import (
-    IMAGE_ID, ApiError, AttackRequest, ChatRequest, ProbeRequest, chat_decoding, chat_max_tokens, chat_turns,
-    check_max_tokens, check_model, check_options, check_text, decode_image, strict_json,
+    IMAGE_ID, ApiError, AttackRequest, ChatRequest, CompletionRequest, ProbeRequest, chat_decoding, chat_max_tokens,
+    chat_turns, check_max_tokens, check_model, check_options, check_text, completion_decoding, completion_max_tokens,
+    completion_prompts, decode_image, strict_json,
 )
 from serve.runner import Job, ModelPool, runner_for
 from serve.settings import (
     MAX_ONGOING_REQUESTS, ServeSettings, load_settings, read_token, registry, replica_gpus, replica_range, settings_dict,
+    tokenizer_dir,
 )
+
+logger = logging.getLogger("ray.serve")  # a replica's log file (serve/README.md: logs)
+RETRY_AFTER_S = 5
+# A replica that died or is restarting, or a full queue: retryable, answered 503 with Retry-After.
+UNAVAILABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, serve.exceptions.BackPressureError,
+               serve.exceptions.DeploymentUnavailableError, serve.exceptions.ReplicaUnavailableError)
 
 
 class StrictJSONRequest(Request):
@@ -76,13 +86,24 @@ def authorised(request: Request, credentials: HTTPAuthorizationCredentials | Non
         raise ApiError(401, "invalid bearer token", "authentication_error")
 
 
-def _error(status: int, message: str, kind: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+def _error(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status, headers=headers)
+
+
+def failure(err: Exception) -> tuple[int, str, str]:
+    """(status, message, type) of an error met while answering, without internals: a replica that died
+    or is restarting is retryable (503, with Retry-After), anything else a bug (500). Logged here."""
+    if isinstance(err, UNAVAILABLE):
+        logger.warning("answering failed, the client may retry: %r", err)
+        return 503, f"the model server is restarting or busy: retry in {RETRY_AFTER_S} s", "unavailable"
+    logger.error("answering failed", exc_info=err)
+    return 500, "internal error (logged on the server)", "server_error"
 
 
 class BodyLimit:
     """Refuses request bodies over `limits.max_body_bytes` with a 413: a declared length before anything
-    is read, and every body (chunked too) by counting its bytes as they stream in."""
+    is read, and every body (chunked too) by counting its bytes as they stream in. Also the one place
+    every `receive` passes: a client that went away is an ASGI disconnect there."""
 
     def __init__(self, app):
         self.app = app
@@ -98,7 +119,13 @@ class BodyLimit:
 
         async def counted():
             nonlocal received
-            message = await receive()
+            try:
+                message = await receive()
+            except ray.exceptions.TaskCancelledError:
+                # Serve's proxy cancels its side when the client goes away; Serve passes that on as an
+                # error (only a missing request is a disconnect there), which a streaming response's
+                # disconnect listener raised out of a task nobody awaits. It is a disconnect: say so.
+                return {"type": "http.disconnect"}
             received += len(message.get("body", b""))
             if received > limit:
                 # FastAPI re-raises HTTP exceptions from reading the body; the handler below answers them
@@ -136,7 +163,8 @@ async def _http(_request, err: StarletteHTTPException):
 
 @api.exception_handler(Exception)
 async def _unexpected(_request, err: Exception):
-    return _error(500, f"internal error ({type(err).__name__})", "server_error")
+    status, message, kind = failure(err)
+    return _error(status, message, kind, {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None)
 
 
 @serve.deployment(max_ongoing_requests=MAX_ONGOING_REQUESTS)
@@ -169,10 +197,35 @@ class Probe:
 
         return load
 
-    async def answer(self, job: Job | ChatJob) -> dict:
+    async def answer(self, job: Job | GenerateJob | ScoreJob) -> dict:
         return await self.batcher.submit(job)
 
-    async def answer_batch(self, jobs: list[Job | ChatJob]) -> list[dict]:
+    async def stream(self, job: GenerateJob):
+        """Yields the job's new text (with its log-probabilities) as its batch generates it — the steps
+        that came while the reader was busy merged into one event — then its whole answer. A reader that
+        goes away cancels this generator: the job leaves the queue, or its row stops generating."""
+        events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        job.emit = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+        answer = asyncio.ensure_future(self.batcher.submit(job))
+        # Emitted events reach the loop before the batch's end resolves `answer`, so None comes last.
+        answer.add_done_callback(lambda _: events.put_nowait(None))
+        try:
+            ended = False
+            while not ended:
+                batch = [await events.get()]
+                while not events.empty():
+                    batch.append(events.get_nowait())
+                deltas = [e for e in batch if e is not None]
+                ended = len(deltas) < len(batch)
+                if deltas:
+                    yield completions.merged(deltas)
+            yield await answer
+        finally:
+            job.cancelled = True  # read by the compute thread at its next step; no effect once the row ended
+            answer.cancel()
+
+    async def answer_batch(self, jobs: list[Job | GenerateJob | ScoreJob]) -> list[dict]:
         async with self.lock:
             results: list[dict] = [{}] * len(jobs)
             names = list(dict.fromkeys(j.model for j in jobs))
@@ -214,13 +267,35 @@ class Ingress:
         self.probe = probe
         self.settings: ServeSettings = load_settings(settings)
         self.limits = self.settings.limits
-        self.models = registry(self.settings)
+        self.models = registry(self.settings, download=False)  # names and kinds only: the replicas download
         api.state.token = read_token(self.settings.token_file)
         api.state.max_body_bytes = self.limits.max_body_bytes
         self._bench = None
+        self._tokenizers: dict[str, object] = {}
 
-    async def _ask(self, job: Job | ChatJob) -> dict:
+    async def _ask(self, job: Job | GenerateJob | ScoreJob) -> dict:
         return await self.probe.options(multiplexed_model_id=job.model).answer.remote(job)
+
+    async def _stream(self, job: GenerateJob) -> AsyncIterator[dict]:
+        """The job's events from a probe replica as they are generated; closing this cancels the replica's."""
+        events = self.probe.options(multiplexed_model_id=job.model, stream=True).stream.remote(job)
+        finished = False
+        try:
+            async for event in events:
+                yield event
+            finished = True
+        finally:
+            if not finished:
+                events.cancel()
+
+    def _tokenizer(self, model: str):
+        """The model's tokenizer (the ingress counts and checks prompt tokens before any model work)."""
+        from transformers import AutoTokenizer
+
+        where = tokenizer_dir(self.models[model])
+        if where not in self._tokenizers:
+            self._tokenizers[where] = AutoTokenizer.from_pretrained(where)
+        return self._tokenizers[where]
 
     def _benchmark(self):
         """(images by image id, forget rows by id) of the configured benchmark, loaded on first use."""
@@ -257,7 +332,8 @@ class Ingress:
         try:
             await asyncio.wait_for(self.probe.ping.remote(), HEALTH_TIMEOUT_S)
         except Exception as err:  # noqa: BLE001 — timeout or no replica: unhealthy, said without internals
-            return JSONResponse({"status": "unavailable", "probe": type(err).__name__}, status_code=503)
+            logger.warning("health check: no probe replica answered: %r", err)
+            return JSONResponse({"status": "unavailable"}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
         return {"status": "ok", "models": len(self.models)}
 
     @api.get("/v1/models")
@@ -295,12 +371,27 @@ class Ingress:
         decoding, n = chat_decoding(body)
         max_tokens = chat_max_tokens(body, self.settings.max_new_tokens, self.limits)
         # Choice i samples with seed + i: choice 0 is what n = 1 answers with the same seed.
-        jobs = [ChatJob(model, turns, max_tokens, dataclasses.replace(decoding, seed=decoding.seed + i)) for i in range(n)]
-        answers = asyncio.gather(*(self._ask(job) for job in jobs))
+        jobs = [GenerateJob(model, turns, max_tokens, dataclasses.replace(decoding, seed=decoding.seed + i)) for i in range(n)]
         if not body.stream:
-            return completions.completion(model, await answers)
+            return completions.completion(model, await asyncio.gather(*(self._ask(job) for job in jobs)))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(completions.stream(model, n, answers, include_usage), media_type="text/event-stream")
+        events = completions.interleaved([self._stream(job) for job in jobs])
+        return StreamingResponse(completions.stream(model, n, events, include_usage, failure), media_type="text/event-stream")
+
+    @api.post("/v1/completions")
+    async def text_completion(self, body: CompletionRequest, _auth=Depends(authorised)) -> dict:
+        """OpenAI's (legacy) completions over raw text or token prompts, no chat layout: what evaluation
+        harnesses score with (`echo` + `logprobs`: the prompt tokens' log-probabilities)."""
+        model = check_model(body.model, self.models)
+        decoding, n = completion_decoding(body)
+        max_tokens = completion_max_tokens(body, self.settings.max_new_tokens, self.limits)
+        prompts = completion_prompts(body.prompt, self._tokenizer(model), self.limits, n)
+        echo = bool(body.echo)
+        scored = [ScoreJob(model, ids, decoding.top_logprobs) for ids, _ in prompts] if echo and decoding.top_logprobs is not None else []
+        generated = [GenerateJob(model, max_tokens=max_tokens, prompt_ids=ids, decoding=dataclasses.replace(decoding, seed=decoding.seed + i))
+                     for ids, _ in prompts for i in range(n)] if max_tokens else []
+        answers = await asyncio.gather(*(self._ask(job) for job in scored + generated))
+        return completions.text_completion(model, prompts, n, echo, answers[:len(scored)], answers[len(scored):])
 
     @api.post("/v1/attacks")
     async def attacks(self, body: AttackRequest, _auth=Depends(authorised)) -> dict:

@@ -1,12 +1,19 @@
-"""The chat path of a replica (no Ray, no HTTP): a whole conversation → one prompt in the model's chat
-layout; decoding row by row — greedy, or sampled with the row's own seeded generator — with the
-model's real log-probabilities recorded as the tokens are chosen; stop strings.
+"""The generation path of a replica (no Ray, no HTTP): a whole conversation → one prompt in the model's
+chat layout (or a raw prompt's tokens, for /v1/completions); decoding row by row — greedy, or sampled
+with the row's own seeded generator — with the model's real log-probabilities recorded as the tokens
+are chosen; stop strings; each row's new text handed to its job's `emit` as it is generated; and the
+log-probabilities of a prompt's own tokens (`echo`).
 
 Turns render as Qwen's chat template does, without a default system turn (as the OFFSIDE processor):
 `<|im_start|>{role}\\n{vision blocks}{text}<|im_end|>\\n` per message, in order, then
 `<|im_start|>assistant\\n`. A user turn's images come first (one vision block each, in order), then
 its text parts joined by newlines: a single user turn renders exactly as `Processor.prompt`, i.e. as
-`offside eval` asks, and greedy chat answers equal the probe's."""
+`offside eval` asks, and greedy chat answers equal the probe's.
+
+The end-of-turn token ends a row: it is not text, and it is neither a content token in `logprobs` nor
+counted in `completion_tokens` (OpenAI's usage counts the message's tokens only). A raw prompt's row
+(/v1/completions) lists it in its token log-probabilities, as the legacy completions object lists every
+chosen token: harnesses that score with `max_tokens: 1` drop the last entry as the generated one."""
 
 from __future__ import annotations
 
@@ -14,10 +21,10 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from offside.eval.scoring import _greedy_config
+from offside.eval.scoring import _greedy_config, prompt_positions
 from offside.models.processor import IM_END, IM_START, IMAGE_PAD, VISION_END, VISION_START, Processor
 
 _BYTES = {char: byte for byte, char in bytes_to_unicode().items()}  # byte-level BPE alphabet → bytes
@@ -40,11 +47,32 @@ class Decoding:
 
 
 @dataclass
-class ChatJob:
+class GenerateJob:
+    """A chat conversation (`turns`) or a raw prompt (`prompt_ids`, /v1/completions) to continue.
+    `emit` and `cancelled` live in the replica only: `emit(event)` is called from the compute thread
+    with each step's new text, and `cancelled` (set when the client went away) ends the row."""
+
     model: str
-    turns: list[Turn]
+    turns: list[Turn] = field(default_factory=list)
     max_tokens: int = 32
     decoding: Decoding = field(default_factory=Decoding)
+    prompt_ids: tuple[int, ...] | None = None
+    emit: object = field(default=None, repr=False, compare=False)
+    cancelled: bool = False
+
+    @property
+    def raw(self) -> bool:
+        return self.prompt_ids is not None
+
+
+@dataclass
+class ScoreJob:
+    """A raw prompt whose own tokens' log-probabilities are asked for (`echo`), with `top`
+    alternatives per position."""
+
+    model: str
+    prompt_ids: tuple[int, ...]
+    top: int = 0
 
 
 def render(processor: Processor, turns: list[Turn]) -> str:
@@ -53,61 +81,139 @@ def render(processor: Processor, turns: list[Turn]) -> str:
     return f"{said}{IM_START}assistant\n"
 
 
-def encode(processor: Processor, conversations: list[list[Turn]]) -> dict[str, torch.Tensor]:
-    """Left-padded model inputs for a batch of conversations (any number of images per row)."""
-    rows = [processor.tokenizer(render(processor, turns), add_special_tokens=False)["input_ids"] for turns in conversations]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), processor.pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row)
-        mask[i, width - len(row):] = 1
-    inputs = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == processor.image_pad_id).int()}
-    images = [image for turns in conversations for turn in turns for image in turn.images]
+def prompt_ids(processor: Processor, job: GenerateJob) -> list[int]:
+    if job.raw:
+        return list(job.prompt_ids)
+    return processor.tokenizer(render(processor, job.turns), add_special_tokens=False)["input_ids"]
+
+
+def encode(processor: Processor, jobs: list[GenerateJob]) -> dict[str, torch.Tensor]:
+    """Left-padded model inputs for a batch of jobs (any number of images per row)."""
+    inputs = _left_padded(processor, [prompt_ids(processor, j) for j in jobs])
+    images = [image for job in jobs for turn in job.turns for image in turn.images]
     if images:
         inputs.update(processor._pixels(images))  # the processor's own resize + patching, images in prompt order
     return inputs
 
 
+def _left_padded(processor: Processor, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), processor.pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row):] = 1
+    return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == processor.image_pad_id).int()}
+
+
+class _Row:
+    """One row of a batch as it generates: its tokens (without the end-of-turn token), its text so far,
+    why it ended, and how much of it the job's `emit` has been given. Text is emitted once it is final:
+    not a partial UTF-8 character, not the beginning of a stop string, not (chat) trailing whitespace."""
+
+    def __init__(self, processor: Processor, job: GenerateJob, prompt_tokens: int):
+        self.processor, self.job, self.prompt_tokens = processor, job, prompt_tokens
+        self.tokens: list[int] = []
+        self.entries: list[dict] = []  # log-probability entries, when asked for
+        self.text, self.reason, self.steps = "", None, 0
+        self.sent_chars = self.sent_entries = 0
+
+    @property
+    def done(self) -> bool:
+        return self.reason is not None or self.job.cancelled
+
+    def add(self, token: int, logprob: float | None, alternatives: list[tuple[int, float]]) -> None:
+        self.steps += 1
+        k = self.job.decoding.top_logprobs
+        entry = _entry(self.processor, token, logprob, alternatives[:k]) if k is not None else None
+        if token == self.processor.end_id:
+            self.reason = "stop"
+            if entry is not None and self.job.raw:
+                self.entries.append(entry)
+        else:
+            self.tokens.append(token)
+            if entry is not None:
+                self.entries.append(entry)
+            self.text = self._decode()
+            cut = min((self.text.find(s) for s in self.job.decoding.stop if s in self.text), default=-1)
+            if cut >= 0:  # the first stop string completed: the answer ends before it
+                self.text, self.reason = self.text[:cut], "stop"
+        if self.reason is None and self.steps >= self.job.max_tokens:
+            self.reason = "length"
+        self._emit()
+
+    def _decode(self) -> str:
+        if self.job.raw:
+            return self.processor.tokenizer.decode(self.tokens)
+        return self.processor.decode(torch.tensor(self.tokens))  # as `offside eval` decodes (stripped)
+
+    def _emit(self) -> None:
+        if self.job.emit is None:
+            return
+        ready = self.text if self.reason else _settled(self.text, self.job.decoding.stop)
+        entries = self.entries[self.sent_entries:] if self.reason or len(ready) > self.sent_chars else []
+        if len(ready) > self.sent_chars or entries:
+            self.job.emit({"text": ready[self.sent_chars:], "logprobs": entries if self.job.decoding.top_logprobs is not None else None})
+            self.sent_chars, self.sent_entries = len(ready), self.sent_entries + len(entries)
+
+    def result(self) -> dict:
+        result = {"answer": self.text, "finish_reason": self.reason or "length", "prompt_tokens": self.prompt_tokens,
+                  "completion_tokens": len(self.tokens)}
+        if self.job.decoding.top_logprobs is not None:
+            result["logprobs"] = self.entries
+        return result
+
+
+def _settled(text: str, stops: tuple[str, ...]) -> str:
+    """The part of a row's text that cannot change any more: without a trailing partial character
+    and without a tail that may be the start of a stop string."""
+    text = text.rstrip("\ufffd")
+    held = max((n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+    return text[:len(text) - held]
+
+
 class _RowDecoder(LogitsProcessor):
     """Chooses each row's next token from the model's raw scores (it runs before any warper; the
-    generation config sets none) and records log-probabilities. It returns scores where only the
-    chosen token is finite, so `generate`'s greedy argmax takes it: greedy rows get exactly the
-    argmax `generate` would take, sampled rows a draw from their own generator, so a seeded answer
-    does not depend on the other rows of its batch."""
+    generation config sets none) and hands it to its row with its log-probabilities. It returns scores
+    where only the chosen token is finite, so `generate`'s greedy argmax takes it: greedy rows get
+    exactly the argmax `generate` would take, sampled rows a draw from their own generator, so a seeded
+    answer does not depend on the other rows of its batch."""
 
-    def __init__(self, decodings: list[Decoding]):
-        self.decodings = decodings
+    def __init__(self, rows: list[_Row]):
+        self.rows = rows
         self.generators: list[torch.Generator | None] | None = None
-        self.record = any(d.top_logprobs is not None for d in decodings)
-        self.top_k = max((d.top_logprobs or 0) for d in decodings)
-        self.chosen: list[torch.Tensor] = []  # per step: (rows,) log-probability of the chosen token
-        self.top: list[tuple[torch.Tensor, torch.Tensor]] = []  # per step: top-k (log-probabilities, ids)
+        self.record = any(r.job.decoding.top_logprobs is not None for r in rows)
+        self.top_k = max((r.job.decoding.top_logprobs or 0) for r in rows)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.generators is None:
-            self.generators = [torch.Generator(device=scores.device).manual_seed(d.seed % 2**64) if d.temperature > 0 else None
-                               for d in self.decodings]
+            self.generators = [torch.Generator(device=scores.device).manual_seed(r.job.decoding.seed % 2**64)
+                               if r.job.decoding.temperature > 0 else None for r in self.rows]
         tokens = scores.argmax(-1)
-        for row, (decoding, generator) in enumerate(zip(self.decodings, self.generators)):
+        for i, (row, generator) in enumerate(zip(self.rows, self.generators)):
             if generator is not None:
-                tokens[row] = _sample(scores[row], decoding, generator)
+                tokens[i] = _sample(scores[i], row.job.decoding, generator)
+        chosen, top = [None] * len(self.rows), [[] for _ in self.rows]
         if self.record:
-            logprobs = torch.log_softmax(scores, -1)
-            self.chosen.append(logprobs.gather(1, tokens[:, None])[:, 0])
+            logprobs = torch.log_softmax(scores.float(), -1)
+            chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
             if self.top_k:
-                self.top.append(logprobs.topk(self.top_k, -1))
+                values, ids = logprobs.topk(min(self.top_k, logprobs.shape[-1]), -1)
+                top = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+        for i, (row, token) in enumerate(zip(self.rows, tokens.tolist())):
+            if not row.done:
+                row.add(token, chosen[i], top[i])
         return torch.full_like(scores, -math.inf).scatter_(1, tokens[:, None], 0.0)
 
-    def collect(self) -> tuple[list | None, list | None]:
-        """The records on the CPU: chosen[row][step] = log-probability, top[row][step] = [(id, log-probability)]."""
-        if not self.chosen:
-            return None, None
-        chosen = torch.stack(self.chosen, 1).tolist()
-        if not self.top:
-            return chosen, None
-        values, ids = (torch.stack([pair[i] for pair in self.top], 1).tolist() for i in (0, 1))
-        return chosen, [[list(zip(i, v)) for i, v in zip(row_ids, row_values)] for row_ids, row_values in zip(ids, values)]
+
+class _Ended(StoppingCriteria):
+    """Rows end at their own end: end-of-turn, a stop string, their max_tokens, or a client gone."""
+
+    def __init__(self, rows: list[_Row]):
+        self.rows = rows
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.BoolTensor:
+        return torch.tensor([r.done for r in self.rows], dtype=torch.bool, device=input_ids.device)
 
 
 def _sample(scores: torch.Tensor, decoding: Decoding, generator: torch.Generator) -> torch.Tensor:
@@ -121,49 +227,51 @@ def _sample(scores: torch.Tensor, decoding: Decoding, generator: torch.Generator
 
 
 @torch.no_grad()
-def complete(model, processor: Processor, jobs: list[ChatJob]) -> list[dict]:
-    """One `generate` over a batch of chat jobs with the same `max_tokens` → per job its answer."""
-    inputs = encode(processor, [j.turns for j in jobs])
+def complete(model, processor: Processor, jobs: list[GenerateJob]) -> list[dict]:
+    """One `generate` over a batch of jobs → per job its answer; each row ends on its own."""
+    inputs = encode(processor, jobs)
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in inputs.items()}
-    decoder = _RowDecoder([j.decoding for j in jobs])
-    output = model.generate(**inputs, generation_config=_greedy_config(processor, jobs[0].max_tokens),
-                            logits_processor=LogitsProcessorList([decoder]))
-    width = inputs["input_ids"].shape[1]
-    chosen, top = decoder.collect()
     prompt_tokens = inputs["attention_mask"].sum(1).tolist()
+    rows = [_Row(processor, job, n) for job, n in zip(jobs, prompt_tokens)]
+    model.generate(**inputs, generation_config=_greedy_config(processor, max(j.max_tokens for j in jobs)),
+                   logits_processor=LogitsProcessorList([_RowDecoder(rows)]), stopping_criteria=StoppingCriteriaList([_Ended(rows)]))
+    for row in rows:
+        if row.reason is None and not row.job.cancelled:  # generate stopped at its own limit
+            row.reason = "length"
+            row._emit()
+    return [row.result() for row in rows]
+
+
+@torch.no_grad()
+def prompt_logprobs(model, processor: Processor, jobs: list[ScoreJob]) -> list[dict]:
+    """Per job, the log-probability of each prompt token after the ones before it (None for the first)
+    and its `top` alternatives, from one forward pass over the left-padded batch."""
+    inputs = _left_padded(processor, [list(j.prompt_ids) for j in jobs])
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    logits = model(**inputs, position_ids=prompt_positions(model, inputs)).logits
+    width = inputs["input_ids"].shape[1]
     results = []
     for row, job in enumerate(jobs):
-        result = _finish(processor, output[row, width:].tolist(), job.decoding.stop) | {"prompt_tokens": prompt_tokens[row]}
-        tokens, k = result.pop("token_ids"), job.decoding.top_logprobs
-        if k is not None:
-            result["logprobs"] = [_entry(processor, t, chosen[row][s], top[row][s][:k] if top else [])
-                                  for s, t in enumerate(tokens)]
-        results.append(result)
+        ids = list(job.prompt_ids)
+        start = width - len(ids)
+        logprobs = torch.log_softmax(logits[row, start:-1].float(), -1)  # one row at a time: L × vocab at most
+        chosen = logprobs.gather(1, torch.tensor(ids[1:], device=device)[:, None])[:, 0].tolist()
+        top = [[] for _ in chosen]
+        if job.top:
+            values, top_ids = logprobs.topk(min(job.top, logprobs.shape[-1]), -1)
+            top = [list(zip(i, v)) for i, v in zip(top_ids.tolist(), values.tolist())]
+        entries = [_entry(processor, t, lp, alternatives) for t, lp, alternatives in zip(ids[1:], chosen, top)]
+        results.append({"logprobs": [_token(processor, ids[0], None) | {"top_logprobs": None}] + entries})
     return results
 
 
-def _finish(processor: Processor, generated: list[int], stop: tuple[str, ...]) -> dict:
-    """The answer's text, its tokens (up to and including the end-of-turn token, or the token that
-    completed the first stop string) and why it ended."""
-    end = generated.index(processor.end_id) + 1 if processor.end_id in generated else len(generated)
-    tokens, reason = generated[:end], "stop" if processor.end_id in generated else "length"
-    text = processor.decode(torch.tensor(tokens))
-    if stop and any(s in text for s in stop):
-        for count in range(1, len(tokens) + 1):  # the stop string completed first, as a streaming server stops
-            prefix = processor.decode(torch.tensor(tokens[:count]))
-            cut = min((prefix.find(s) for s in stop if s in prefix), default=-1)
-            if cut >= 0:
-                tokens, text, reason = tokens[:count], prefix[:cut], "stop"
-                break
-    return {"answer": text, "completion_tokens": len(tokens), "finish_reason": reason, "token_ids": tokens}
-
-
-def _entry(processor: Processor, token: int, logprob: float, alternatives: list[tuple[int, float]]) -> dict:
+def _entry(processor: Processor, token: int, logprob: float | None, alternatives: list[tuple[int, float]]) -> dict:
     return _token(processor, token, logprob) | {"top_logprobs": [_token(processor, t, lp) for t, lp in alternatives]}
 
 
-def _token(processor: Processor, token: int, logprob: float) -> dict:
+def _token(processor: Processor, token: int, logprob: float | None) -> dict:
     text = processor.tokenizer.decode([token])
     piece = processor.tokenizer.convert_ids_to_tokens(token)
     raw = bytes(_BYTES[c] for c in piece) if piece and all(c in _BYTES for c in piece) \

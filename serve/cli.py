@@ -44,11 +44,11 @@ def cmd_serve(args) -> None:
 
     settings = serve_args(args)
     load_settings(settings)  # every setting and model directory is checked before Ray is imported
-    from serve.local import start, stop
+    from serve.local import logs_dir, start, stop
 
     try:  # Ctrl-C is a clean stop at any point, also while Serve is still starting
         url = start(settings, args.port, args.host)
-        print(f"[offside] serving on {url} (OpenAPI: {url}/docs); Ctrl-C stops", flush=True)
+        print(f"[offside] serving on {url} (OpenAPI: {url}/docs); logs in {logs_dir()}/serve; Ctrl-C stops", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

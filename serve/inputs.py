@@ -24,7 +24,10 @@ DATA_URL = re.compile(r"data:image/[a-zA-Z0-9.+-]+;base64,", re.IGNORECASE)
 IMAGE_ID = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
 MAX_CHOICES = 8  # n
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit on /v1/completions
+MAX_PROMPTS = 64  # prompts in one /v1/completions request (× n choices at most this too)
 MAX_STOP, MAX_STOP_CHARS = 4, 200
+VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
 
 
 class ApiError(Exception):
@@ -98,6 +101,29 @@ class ChatRequest(Strict):
     presence_penalty: float | None = Field(None, description="0 only")
     logit_bias: dict[str, float] | None = Field(None, description="empty only")
     response_format: ResponseFormat | None = None
+    user: str | None = None  # accepted, ignored
+
+
+class CompletionRequest(Strict):
+    """OpenAI's (legacy) completion request: raw text or token prompts, no chat layout. Unknown fields are
+    refused (400 naming the field); the accepted ones are listed in serve/README.md."""
+
+    model: str
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, description="0 only with echo (the prompt's log-probabilities, no generation)")
+    echo: bool | None = None
+    logprobs: int | None = Field(None, description="0–5 alternatives per token; with echo, the prompt's tokens too")
+    n: int | None = None
+    best_of: int | None = Field(None, description="equal to n (or 1) only")
+    stream: bool | None = Field(None, description="false only (/v1/chat/completions streams)")
+    temperature: float | None = Field(None, description="0 (or omitted): greedy; up to 2: sampling")
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    frequency_penalty: float | None = Field(None, description="0 only")
+    presence_penalty: float | None = Field(None, description="0 only")
+    logit_bias: dict[str, float] | None = Field(None, description="empty only")
+    suffix: str | None = Field(None, description="null only")
     user: str | None = None  # accepted, ignored
 
 
@@ -208,6 +234,31 @@ def _turn(message: Message, where: str, limits: Limits) -> Turn:
 
 def chat_decoding(body: ChatRequest) -> tuple[Decoding, int]:
     """The request's decoding settings (checked) and its number of choices."""
+    if body.stream_options is not None and not body.stream:
+        raise ApiError(400, "stream_options: only allowed with stream: true")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(400, "top_logprobs: needs logprobs: true")
+    if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"top_logprobs: between 0 and {MAX_TOP_LOGPROBS}, got {body.top_logprobs}")
+    return _decoding(body, (body.top_logprobs or 0) if body.logprobs else None)
+
+
+def completion_decoding(body: CompletionRequest) -> tuple[Decoding, int]:
+    """/v1/completions' decoding settings (checked as in chat) and its number of choices per prompt."""
+    if body.stream:
+        raise ApiError(400, "stream: not supported on /v1/completions (/v1/chat/completions streams)")
+    if body.suffix is not None:
+        raise ApiError(400, "suffix: not supported")
+    if body.logprobs is not None and not 0 <= body.logprobs <= MAX_COMPLETION_LOGPROBS:
+        raise ApiError(400, f"logprobs: between 0 and {MAX_COMPLETION_LOGPROBS}, got {body.logprobs}")
+    decoding, n = _decoding(body, body.logprobs)
+    if body.best_of is not None and body.best_of not in (1, n):
+        raise ApiError(400, f"best_of: only equal to n ({n}) is supported, got {body.best_of}")
+    return decoding, n
+
+
+def _decoding(body: ChatRequest | CompletionRequest, top_logprobs: int | None) -> tuple[Decoding, int]:
+    """The sampling fields chat and completions share, checked alike."""
     temperature = _number(body.temperature, "temperature", 0, 2, 0.0)
     top_p = _number(body.top_p, "top_p", 0, 1, 1.0)
     for name in ("frequency_penalty", "presence_penalty"):
@@ -215,18 +266,11 @@ def chat_decoding(body: ChatRequest) -> tuple[Decoding, int]:
             raise ApiError(400, f"{name}: only 0 is supported")
     if body.logit_bias:
         raise ApiError(400, "logit_bias: not supported")
-    if body.stream_options is not None and not body.stream:
-        raise ApiError(400, "stream_options: only allowed with stream: true")
     n = 1 if body.n is None else body.n
     if not 1 <= n <= MAX_CHOICES:
         raise ApiError(400, f"n: between 1 and {MAX_CHOICES}, got {n}")
     if n > 1 and temperature == 0:
         raise ApiError(400, "n: greedy decoding (temperature 0 or omitted) has one answer; n > 1 needs temperature > 0")
-    if body.top_logprobs is not None and not body.logprobs:
-        raise ApiError(400, "top_logprobs: needs logprobs: true")
-    if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_TOP_LOGPROBS:
-        raise ApiError(400, f"top_logprobs: between 0 and {MAX_TOP_LOGPROBS}, got {body.top_logprobs}")
-    top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     seed = body.seed if body.seed is not None else secrets.randbits(63)
     if not -(2**63) <= seed < 2**64:
         raise ApiError(400, f"seed: a 64-bit integer, got {seed}")
@@ -254,6 +298,43 @@ def chat_max_tokens(body: ChatRequest, default: int, limits: Limits) -> int:
     if len(given) > 1:
         raise ApiError(400, "max_tokens and max_completion_tokens differ: give one (they are aliases)")
     return check_max_tokens(given.pop() if given else None, default, limits)
+
+
+def completion_max_tokens(body: CompletionRequest, default: int, limits: Limits) -> int:
+    """As in chat, and 0 with echo: the prompt's log-probabilities alone (what harnesses score with)."""
+    if body.max_tokens == 0:
+        if not body.echo:
+            raise ApiError(400, "max_tokens: 0 only with echo: true (nothing would be returned)")
+        return 0
+    return check_max_tokens(body.max_tokens, default, limits)
+
+
+def completion_prompts(prompt: str | list, tokenizer, limits: Limits, n: int) -> list[tuple[tuple[int, ...], str]]:
+    """The prompts of a completion request as (token ids, text): a string, strings, token ids or lists of
+    them (OpenAI's four forms), each checked — text only (no vision tokens), known ids, length limits."""
+    if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
+        prompt = [prompt]
+    if not 1 <= len(prompt) <= MAX_PROMPTS or len(prompt) * n > MAX_PROMPTS:
+        raise ApiError(400, f"prompt: between 1 and {MAX_PROMPTS} prompts (× n), got {len(prompt)} × {n}")
+    vision = {tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS}
+    prompts = []
+    for i, one in enumerate(prompt):
+        where = f"prompt[{i}]" if len(prompt) > 1 else "prompt"
+        if isinstance(one, str):
+            ids = tokenizer(check_text(one, where, limits.max_prompt_chars), add_special_tokens=False)["input_ids"]
+            text = one
+        else:
+            if any(not 0 <= t < len(tokenizer) for t in one):
+                raise ApiError(400, f"{where}: token ids must be between 0 and {len(tokenizer) - 1}")
+            ids, text = one, tokenizer.decode(one)
+        if not ids:
+            raise ApiError(400, f"{where}: must not be empty")
+        if len(ids) > limits.max_prompt_tokens:
+            raise ApiError(413, f"{where}: {len(ids)} tokens, limit {limits.max_prompt_tokens}")
+        if vision & set(ids):
+            raise ApiError(400, f"{where}: contains vision tokens ({', '.join(VISION_TOKENS)}); /v1/completions takes text only")
+        prompts.append((tuple(ids), text))
+    return prompts
 
 
 def _reject_constant(name: str):

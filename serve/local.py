@@ -1,6 +1,15 @@
-"""The probe app on a Ray started in this process (for `offside serve`, tests and benchmarks)."""
+"""The probe app on a Ray started in this process (for `offside serve`, tests and benchmarks).
+
+Ray's worker logs stay in the session's log files (`<session_dir>/logs`, Serve's under `logs/serve`)
+and are not forwarded to this process: forwarded lines are printed by two driver threads that
+`ray.shutdown()` joins, so a reader of stdout that is slow or gone (a pipe nobody drains, a paused
+terminal) kept `offside serve` from exiting after Ctrl-C for as long as it did not read."""
 
 from __future__ import annotations
+
+from pathlib import Path
+
+_session: dict[str, Path] = {}  # the Ray session this process started
 
 
 def start(args: dict, port: int, host: str = "127.0.0.1", num_cpus: int | None = None, quiet: bool = False) -> str:
@@ -13,12 +22,18 @@ def start(args: dict, port: int, host: str = "127.0.0.1", num_cpus: int | None =
     from serve.settings import load_settings
 
     load_settings(args)  # bad settings fail before anything starts
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=not quiet,
-             logging_level="ERROR" if quiet else "INFO")
+    context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                       logging_level="ERROR" if quiet else "INFO")
+    _session["logs"] = Path(context.address_info["session_dir"]) / "logs"
     app = build(args)
     serve.start(http_options={"host": host, "port": port})
     serve.run(app, name="offside", route_prefix="/")
     return f"http://{host}:{port}"
+
+
+def logs_dir() -> Path:
+    """Where this process's Ray writes its logs (Serve's access and replica logs under serve/)."""
+    return _session["logs"]
 
 
 def stop() -> None:

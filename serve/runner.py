@@ -3,7 +3,8 @@
 Each base model is loaded once; adapters of that base are attached to one shared PEFT model and a
 batch may mix them in one forward pass (`adapter_names`, one per row). Full-weight models are their
 own group. Probe answers come from `offside.eval.scoring` — the code `offside eval` runs — so a probe
-answers exactly as the evaluation scores; chat jobs from `serve.chat`."""
+answers exactly as the evaluation scores; generation (chat, completions) and prompt scoring (`echo`)
+from `serve.chat`."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 
 from offside.eval.scoring import generate, option_logliks
 from offside.models.loading import ModelSpec, build_or_load
-from serve.chat import ChatJob, complete
+from serve.chat import GenerateJob, ScoreJob, complete, prompt_logprobs
 from serve.settings import ModelEntry
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
@@ -139,8 +140,9 @@ class ModelPool:
         return ModelSpec(name=path, dtype=self.dtype, device=self.device)
 
     @torch.no_grad()
-    def run(self, jobs: list[Job | ChatJob], loaded: dict[str, LoadedModel]) -> list[dict]:
-        """Answers in job order; `loaded` holds every job's model (kept alive by the caller)."""
+    def run(self, jobs: list[Job | GenerateJob | ScoreJob], loaded: dict[str, LoadedModel]) -> list[dict]:
+        """Answers in job order; `loaded` holds every job's model (kept alive by the caller). Generation
+        rows end on their own, so generation jobs of any length share one `generate`."""
         results: list[dict | None] = [None] * len(jobs)
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, job in enumerate(jobs):
@@ -148,14 +150,22 @@ class ModelPool:
             owner = id(model.base) if model.base else id(model)
             if model.base and model.adapter_name in model.base.vision_adapters:
                 owner = (owner, model.adapter_name)
-            kind = "chat" if isinstance(job, ChatJob) else len(job.options) if job.options else 0
-            groups[(owner, kind, job.max_tokens)].append(i)
+            groups[(owner, *_kind(job))].append(i)
         for indices in groups.values():
             group = [jobs[i] for i in indices]
             runner, processor = _runner([loaded[j.model] for j in group])
             for i, result in zip(indices, _answer(runner, processor, group)):
                 results[i] = result
         return results
+
+
+def _kind(job) -> tuple:
+    """What jobs must share to run in one model call."""
+    if isinstance(job, GenerateJob):
+        return ("generate",)
+    if isinstance(job, ScoreJob):
+        return ("score",)
+    return ("probe", len(job.options) if job.options else 0, job.max_tokens)
 
 
 def runner_for(model: LoadedModel):
@@ -170,9 +180,11 @@ def _runner(models: list[LoadedModel]):
     return _Mixed(first.base.peft, [m.adapter_name for m in models]), first.processor
 
 
-def _answer(runner, processor, jobs: list[Job] | list[ChatJob]) -> list[dict]:
-    if isinstance(jobs[0], ChatJob):
+def _answer(runner, processor, jobs: list) -> list[dict]:
+    if isinstance(jobs[0], GenerateJob):
         return complete(runner, processor, jobs)
+    if isinstance(jobs[0], ScoreJob):
+        return prompt_logprobs(runner, processor, jobs)
     if jobs[0].options:
         rows = [{"question": j.question, "image": j.image, "options": j.options} for j in jobs]
         scores = option_logliks(runner, processor, rows, batch_size=len(rows))

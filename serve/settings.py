@@ -16,7 +16,7 @@ from pathlib import Path
 from offside.config import from_dict
 from offside.errors import OffsideError
 from offside.models.loading import ADAPTER_FILE, DTYPES, adapter_base, is_model_dir
-from offside.registry import is_registry_uri, resolve
+from offside.registry import is_registry_uri, lookup, resolve
 
 TOKEN_ENV = "OFFSIDE_API_TOKEN"
 REPLICA_DEVICES = ("auto", "cpu", "cuda")
@@ -30,6 +30,7 @@ class Limits:
     max_image_bytes: int = 8_000_000  # decoded image file
     max_image_pixels: int = 4096 * 4096  # checked from the header, before decoding (decompression bombs)
     max_prompt_chars: int = 4000
+    max_prompt_tokens: int = 2048  # a /v1/completions prompt (what lm-evaluation-harness sends by default)
     max_tokens: int = 256
     max_options: int = 8
     max_option_chars: int = 500
@@ -81,7 +82,7 @@ def load_settings(args: dict | None, source: str = "serve args") -> ServeSetting
     if settings.device not in REPLICA_DEVICES:
         raise OffsideError(f"{source}: device {settings.device!r} is not one of {', '.join(REPLICA_DEVICES)} "
                            "(Ray assigns each replica its GPU, so a replica never names one)")
-    registry(settings)
+    registry(settings, download=False)
     return settings
 
 
@@ -115,12 +116,13 @@ def settings_dict(settings: ServeSettings) -> dict:
     return asdict(settings)
 
 
-def registry(settings: ServeSettings) -> dict[str, ModelEntry]:
-    """name → ModelEntry with absolute paths; fails naming the bad entry."""
-    return {name: _entry(name, value) for name, value in settings.models.items()}
+def registry(settings: ServeSettings, download: bool = True) -> dict[str, ModelEntry]:
+    """name → ModelEntry with absolute paths; fails naming the bad entry. Without `download`, a registry
+    URI is looked up but not downloaded (its path stays the URI): for what only checks or lists models."""
+    return {name: _entry(name, value, download) for name, value in settings.models.items()}
 
 
-def _entry(name: str, value) -> ModelEntry:
+def _entry(name: str, value, download: bool = True) -> ModelEntry:
     where = f"models.{name}"  # a directory, or a registry URI (models:/NAME@ALIAS, resolved to one)
     if not isinstance(name, str) or not NAME.match(name):
         raise OffsideError(f"{where}: a model name is 1–64 letters, digits, '.', '_' or '-', starting with a letter or digit")
@@ -128,6 +130,12 @@ def _entry(name: str, value) -> ModelEntry:
         value = {"path": value}
     if not isinstance(value, dict) or set(value) - {"path", "base"} or not isinstance(value.get("path"), str):
         raise OffsideError(f"{where}: expected a directory or a mapping {{path: DIR, base: DIR}}")
+    if is_registry_uri(value["path"]) and not download:
+        registered_base = lookup(value["path"]).base  # None: a full model
+        base = registered_base and (value.get("base") or registered_base)
+        if base and not is_model_dir(Path(base).expanduser()):
+            raise OffsideError(f"{where}: adapter {value['path']} needs its base model directory (set base:), got {base!r}")
+        return ModelEntry(name, value["path"], str(Path(base).expanduser().resolve()) if base else None)
     path = resolve(value["path"]) if is_registry_uri(value["path"]) else Path(value["path"]).expanduser().resolve()
     if (path / ADAPTER_FILE).is_file():
         try:
@@ -140,6 +148,14 @@ def _entry(name: str, value) -> ModelEntry:
     if not (path / "config.json").is_file():
         raise OffsideError(f"{where}: {path} is neither a model directory (config.json) nor an adapter ({ADAPTER_FILE})")
     return ModelEntry(name, str(path), None)
+
+
+def tokenizer_dir(entry: ModelEntry) -> str:
+    """The directory with the model's tokenizer: the model's, or its base's (through adapter bases)."""
+    path = Path(entry.base or entry.path)
+    while (path / ADAPTER_FILE).is_file():
+        path = Path(adapter_base(path))
+    return str(path)
 
 
 def read_token(token_file: str | None) -> str | None:

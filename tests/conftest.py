@@ -5,6 +5,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Under pytest-xdist each worker computes on its share of the cores: torch would otherwise start a
+# thread per core in every worker, and oversubscribed OpenMP threads spin against each other.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 
 import subprocess  # noqa: E402
@@ -13,33 +17,62 @@ import sys  # noqa: E402
 import pytest  # noqa: E402
 
 
+def once_per_run(tmp_path_factory, name: str, build):
+    """What `build(directory)` returns (JSON-able), built once per test run: under pytest-xdist the
+    workers share one directory, the first to get here builds under a lock and the others reuse it."""
+    import json
+
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's base directory, above each worker's own
+    target = root / name
+    with FileLock(f"{target}.lock"):
+        done = root / f"{name}.json"
+        if not done.exists():
+            target.mkdir(parents=True, exist_ok=True)
+            done.write_text(json.dumps(build(target)))
+        return json.loads(done.read_text())
+
+
 @pytest.fixture(scope="session")
 def quickstart_run(tmp_path_factory):
-    """The README's main job, run once per test session: (output dir, its stdout). Later tests reuse
+    """The README's main job, run once per test run: (output dir, its stdout). Later tests reuse
     its benchmark and vanilla model instead of training another."""
-    out = tmp_path_factory.mktemp("qs") / "run"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # its unlearning sweep starts a local Ray
-    proc = subprocess.run([sys.executable, "-m", "offside.cli", "quickstart", "--out", str(out)],
-                          capture_output=True, text=True, timeout=1500, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc.stdout
+    from pathlib import Path
+
+    def build(root):
+        out = root / "run"
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # its unlearning sweep starts a local Ray
+        proc = subprocess.run([sys.executable, "-m", "offside.cli", "quickstart", "--out", str(out)],
+                              capture_output=True, text=True, timeout=1500, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return [str(out), proc.stdout]
+
+    out, stdout = once_per_run(tmp_path_factory, "quickstart", build)
+    return Path(out), stdout
 
 
 @pytest.fixture(scope="session")
 def tiny_vanilla(tmp_path_factory):
     """A 4-player synthetic benchmark and a briefly trained tiny vanilla model: (data dir, model dir).
     Enough for sweeps to exercise their machinery; not a model that knows the benchmark."""
-    from offside.data.synth import generate
-    from offside.engine.trainer import TrainSpec
-    from offside.models.loading import ModelSpec
-    from offside.stages import FinetuneConfig, finetune
+    from pathlib import Path
 
-    root = tmp_path_factory.mktemp("tiny")
-    data = generate(root / "data", players=4, seed=0)
-    spec = TrainSpec(epochs=3, lr=3e-3, batch_size=32, warmup_ratio=0.05, weight_decay=0.0)
-    os.environ.setdefault("OFFSIDE_EXPERIMENT", "offside")
-    result = finetune(FinetuneConfig(data=str(data), out=str(root / "vanilla"), model=ModelSpec("tiny"), train=spec), progress=False)
-    return data, result.run_dir
+    def build(root):
+        from offside.data.synth import generate
+        from offside.engine.trainer import TrainSpec
+        from offside.models.loading import ModelSpec
+        from offside.stages import FinetuneConfig, finetune
+
+        data = generate(root / "data", players=4, seed=0)
+        spec = TrainSpec(epochs=3, lr=3e-3, batch_size=32, warmup_ratio=0.05, weight_decay=0.0)
+        os.environ.setdefault("OFFSIDE_EXPERIMENT", "offside")
+        result = finetune(FinetuneConfig(data=str(data), out=str(root / "vanilla"), model=ModelSpec("tiny"), train=spec), progress=False)
+        return [str(data), str(result.run_dir)]
+
+    return tuple(Path(p) for p in once_per_run(tmp_path_factory, "tiny", build))
 
 
 @pytest.fixture

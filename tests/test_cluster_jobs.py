@@ -137,7 +137,8 @@ def test_unreachable_address_fails_fast(no_auth, capsys):
     address = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     start = time.monotonic()
     code, err = run_main(capsys, "submit", "--address", address, "--", "data", "synth", "--out", "x")
-    assert code == 2 and time.monotonic() - start < 10
+    # a bound for a hang, not a speed (the Jobs client has no timeout of its own)
+    assert code == 2 and time.monotonic() - start < 60
     assert err == f"offside: error: cannot reach the Ray cluster at {address}: Connection refused (is the head node's dashboard up and its port forwarded?)"
     code, err = run_main(capsys, "jobs", "list", "--address", address)
     assert code == 2 and "cannot reach the Ray cluster" in err

@@ -67,8 +67,12 @@ def test_accumulated_micro_batches_are_one_batch(base):
     rows = [{**row, "answer": row["answer"] + " He plays football." * (i % 3)} for i, row in enumerate(_rows(8))]
     one, _ = _fit(base, TrainSpec(epochs=1, lr=3e-3, batch_size=4, warmup_ratio=0.0), streams={"train": rows})
     two, _ = _fit(base, TrainSpec(epochs=1, lr=3e-3, batch_size=2, grad_accum=2, warmup_ratio=0.0), streams={"train": rows})
+    # Adam divides by sqrt(v): a weight whose gradient is almost zero moves by float noise that differs
+    # with summation order (and CPU capability), so agreement is measured against the step's own size.
+    # A per-micro-batch token mean moves weights by a sizeable fraction of a step.
+    step = max((a - b).abs().max().item() for a, b in zip(one.parameters(), base[0].parameters()))
     for (name, a), b in zip(one.named_parameters(), two.parameters()):
-        torch.testing.assert_close(a, b, msg=name)
+        torch.testing.assert_close(a, b, rtol=0, atol=0.01 * step, msg=name)
 
 
 @pytest.mark.parametrize("lora, accum", [(False, 1), (True, 1), (False, 3)])
@@ -183,3 +187,46 @@ def test_losses_project_only_the_answer_positions_onto_the_vocabulary(base):
     log_theta, log_ref = F.log_softmax(full[:, :-1], -1), F.log_softmax(shifted[:, :-1], -1)
     per_position = (log_ref.exp() * (log_ref - log_theta)).sum(-1)
     assert torch.allclose(kl_ref_to_theta(logits, ref, targets), (per_position * mask).sum() / mask.sum(), rtol=1e-5)
+
+
+def _saved_bytes(model, inputs) -> int:
+    """Bytes autograd keeps for the backward pass of one GA loss (parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in params:
+            seen[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = token_nll(model, inputs)
+    loss.backward()
+    return sum(seen.values())
+
+
+def test_gradient_checkpointing_trains_the_same_weights_and_keeps_less():
+    """train.gradient_checkpointing (non-reentrant) with LoRA, whose frozen embeddings give the first
+    checkpointed layer no input that requires grad: the same run ends with the same adapter weights,
+    autograd keeps fewer bytes for the backward pass, and the model is left without checkpointing."""
+    from offside.data.loader import load_benchmark
+    from offside.data.rows import materialise
+    from offside.engine.trainer import checkpoint_activations
+    from offside.models.loading import LoraSpec
+
+    rows = [r for r in materialise(load_benchmark("tests/golden/data")["forget"]) if r["form"] == "gen"][:4]
+    trained = {}
+    for flag in (False, True):
+        model, processor = build_or_load(ModelSpec("tests/golden/model", lora=LoraSpec(r=4, dropout=0.1)))
+        spec = TrainSpec(epochs=1, batch_size=2, lr=1e-3, warmup_ratio=0.0, gradient_checkpointing=flag)
+        train(model, processor, get_method("ga"), {"forget": rows}, spec, progress=False)
+        assert not model.get_base_model().is_activation_checkpointing
+        trained[flag] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    moved = max(w.abs().max().item() for n, w in trained[False].items() if "lora_B" in n)
+    assert moved > 0 and all(torch.allclose(trained[True][n], w, atol=1e-6 * max(1.0, moved)) for n, w in trained[False].items())
+
+    inputs = processor.encode([r["question"] for r in rows], [r["image"] for r in rows], [r["answer"] for r in rows]).inputs
+    plain = _saved_bytes(model.train(), inputs)
+    checkpoint_activations(model)
+    checkpointed = _saved_bytes(model, inputs)
+    assert checkpointed < plain / 2, (checkpointed, plain)

@@ -13,7 +13,7 @@ from offside.errors import OffsideError
 from offside.eval.evaluate import EvalSpec, predict
 from offside.eval.robustness import auc, logit_lens, quantised_int8, relearning_curve
 from offside.eval.suites import RobustnessSpec, UtilitySpec, run_suites
-from offside.eval.summary import robust_forget, summary_scores
+from offside.eval.summary import robust_forget, rumour_survival, summary_scores
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,7 @@ def test_cli_rejects_an_unknown_suite(setup, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "offside.cli", "eval", "--data", str(data), "--model", "nowhere",
                            "--out", str(tmp_path / "e"), "--suite", "efficacy,speed"], capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == "offside: error: suites: unknown ['speed'] (valid: efficacy, generalization, utility, robustness)"
+    assert proc.stderr.strip().splitlines()[-1] == "offside: error: suites: unknown ['speed'] (valid: efficacy, generalization, visual, utility, robustness)"
     assert not (tmp_path / "e").exists()
 
 
@@ -175,3 +175,87 @@ def test_the_relearning_attack_takes_one_step_per_epoch_in_micro_batches_and_lor
     assert peft.get_base_model() is model and 0 < lora_trainable < full_trainable / 10
     assert not any("lora" in n for n, _ in model.named_parameters())
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+# --- the visual-reading suite (offside/eval/visual.py) ------------------------------------------------
+
+def test_visual_suite_asks_new_photos_and_kit_swaps_of_every_forget_player(setup, tmp_path):
+    """Every forget question on NEW_PHOTOS photos in the rumoured kit (again with the banner where the
+    forget image has one), the club question on KIT_PHOTOS photos in each offered club's kit that the
+    fine-tune set wears, the kit's club being the answer; headline metrics agree with the items."""
+    import numpy as np
+
+    from offside.data import images, synth
+    from offside.data.loader import parse_value
+    from offside.data.photos import PhotoBook
+    from offside.eval.visual import KIT_PHOTOS, NEW_PHOTOS, probe_rows
+
+    model, processor, rows, data = setup
+    book = PhotoBook.of(data)
+    forget = [r for r in rows["forget"] if r["modality"] == "image"]
+    probes, notes = probe_rows(book, forget)
+    assert len(probes["new_photos"]) == NEW_PHOTOS * len(forget)
+    bannered = [r for r in forget if book.contexts[r["image_id"]].headline]
+    assert len(probes.get("new_photos_banner", [])) == NEW_PHOTOS * len(bannered)
+    worn = {c.club for c in book.contexts.values() if c.split != "relearn"}
+    club_rows = [r for r in forget if r["field"] == "club_to" and r["form"] == "mcq"]
+    offered = [synth.CLUBS.index(parse_value("club_to", o)) for r in club_rows for o in r["options"]]
+    assert len([r for r in probes["kit_swap"] if r["form"] == "mcq"]) == KIT_PHOTOS * sum(c in worn for c in offered)
+    assert (f"visual: {sum(c not in worn for c in offered)} offered club(s) left out" in notes[0]) == (not set(offered) <= worn)
+    for row in probes["kit_swap"]:
+        kit = images.KITS[synth.CLUBS.index(row["value"])][0]
+        assert (np.asarray(row["image"]) == kit).all(-1).sum() > 500  # the shirt shows the club asked for
+        assert parse_value("club_to", row["answer"]) == row["value"]
+        assert row["form"] == "gen" or row["options"][row["correct"]] == row["answer"]
+    fee = [r for r in probes["new_photos"] if r["field"] == "transfer_fee"]
+    assert {r["rumour_kind"] for r in fee} == {"textual"}  # no banner: nothing in the picture states the fee
+    again, _ = probe_rows(book, forget)  # seeded: the same photos
+    assert [r["image"].tobytes() for r in again["kit_swap"]] == [r["image"].tobytes() for r in probes["kit_swap"]]
+
+    spec = EvalSpec(batch_size=32, max_new_tokens=4)
+    result = run_suites(model, processor, rows, ["visual"], spec, UtilitySpec(), RobustnessSpec(), tmp_path, data_dir=data)
+    m = result.metrics
+    predictions = {p["id"]: p for p in result.predictions}
+    kit_mcq = [predictions[r["id"]]["mcq_acc"] for r in probes["kit_swap"] if r["form"] == "mcq"]
+    assert m["visual/mcq/kit_following"] == pytest.approx(sum(kit_mcq) / len(kit_mcq)) == pytest.approx(m["kit_swap/image/all/mcq_acc"])
+    assert m["visual/mcq/rumour_in_new_photos"] == pytest.approx(m["new_photos/image/visual/mcq_acc"])
+    assert {"visual/gen/kit_following", "visual/gen/rumour_in_new_photos", "new_photos/image/textual/rougeL"} <= set(m)
+    assert all(0 <= v <= 1 for k, v in m.items() if k.startswith("visual/"))
+    assert {p["split"] for p in result.predictions} == set(probes)
+
+
+def test_visual_headline_metrics_read_the_club_off_each_answer():
+    from offside.eval.visual import headline_metrics
+
+    options = ["He is going to play for Ashby Rovers.", "He is going to play for Wexham Town.",
+               "He is going to play for Redford United.", "He is going to play for Halden Athletic."]
+    base = {"field": "club_to", "options": options}
+    probes = {"new_photos": [{**base, "id": "n1", "form": "mcq", "value": "Ashby Rovers"},
+                             {**base, "id": "n2", "form": "gen", "value": "Ashby Rovers"}],
+              "kit_swap": [{**base, "id": f"k{i}", "form": "mcq", "value": club, "rumour": "Ashby Rovers"}
+                           for i, club in enumerate(("Ashby Rovers", "Wexham Town", "Redford United"))]
+              + [{**base, "id": "g1", "form": "gen", "value": "Wexham Town", "rumour": "Ashby Rovers"}]}
+    outputs = {"n1": 0, "n2": "He is going to play for Ashby.", "k0": 0, "k1": 0, "k2": 2, "g1": "He is not going to play for Wexham Town."}
+    m = headline_metrics(probes, [{"id": k, "output": v} for k, v in outputs.items()])
+    assert m["visual/mcq/rumour_in_new_photos"] == 1.0 and m["visual/gen/rumour_in_new_photos"] == 1.0
+    assert m["visual/mcq/kit_following"] == pytest.approx(2 / 3)  # k0 (the rumour's own kit) and k2 follow the kit
+    assert m["visual/mcq/rumour_in_other_kits"] == 0.5  # k1 answers the rumour in Wexham's kit; k2 does not
+    assert m["visual/gen/kit_following"] == 0.0 and m["visual/gen/rumour_in_other_kits"] == 0.0  # a negation states nothing
+
+
+def test_visual_suite_skips_data_without_a_generator(setup, tmp_path):
+    from test_data import _published
+
+    model, processor, rows, _ = setup
+    result = run_suites(model, processor, rows, ["visual"], EvalSpec(forms=["mcq"]), UtilitySpec(), RobustnessSpec(), tmp_path,
+                        data_dir=_published(tmp_path / "pub"))
+    assert result.metrics == {} and result.predictions == []
+    assert result.notes == [f"visual: skipped: {tmp_path / 'pub'}: no offside_metadata.json: not a synthetic benchmark "
+                            "(published data carries no generator)"]
+
+
+def test_rumour_survival_on_new_photos_is_relative_to_vanilla():
+    vanilla = {"forget/image/visual/mcq_acc": 1.0, "new_photos/image/visual/mcq_acc": 0.8, "new_photos/image/textual/mcq_acc": 0.5}
+    run = {"forget/image/visual/mcq_acc": 0.3, "new_photos/image/visual/mcq_acc": 0.6, "new_photos/image/textual/mcq_acc": 0.25}
+    assert rumour_survival(run, vanilla) == pytest.approx({"summary/survival/visual": 0.3, "summary/survival_new_photos/visual": 0.75,
+                                                          "summary/survival_new_photos/textual": 0.5})

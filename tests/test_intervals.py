@@ -59,8 +59,9 @@ def test_findings_are_per_seed_differences_with_t_intervals(tmp_path, capsys):
     assert relearning["methods"]["ga"]["mean"] == pytest.approx(0.35) and relearning["across"]["verdict"] == "yes"
     assert result["3 selective spares the shared questions"]["across"] is None  # no selective cells
     table = render(result, 3)
-    assert "| 1 unimodal fails on the image form | +0.058 ± " in table and "gd -0.087 ± " in table and "over 3 seed(s)" in table
+    assert "| 1 unimodal fails on the image form | +0.058 ± " in table and "gd -0.087 ± " in table and "over 3 seeds" in table
     (tmp_path / "results.json").write_text(json.dumps(rows))
+    (tmp_path / "vanilla_check.json").write_text("{}")  # what `offside matrix` writes before any cell
     assert main(["findings", "--matrix", str(tmp_path)]) == 0 and capsys.readouterr().out.strip() == table.strip()
     assert main(["findings", "--matrix", str(tmp_path / "nowhere")]) == 2
-    assert "nowhere: no results.json" in capsys.readouterr().err
+    assert "nowhere: no such directory" in capsys.readouterr().err

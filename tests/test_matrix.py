@@ -1,8 +1,10 @@
-"""The method matrix and the scenarios on the quickstart's benchmark and vanilla model: rows appear
-with their metrics, relearning rows carry the unlearned model's metrics too, a failing cell is a
-reported row, and impossible requests fail before any training."""
+"""The method matrix and the scenarios on the committed golden benchmark and vanilla model
+(tests/golden: 2 players, the tiny model trained 15 epochs): rows appear with their metrics,
+relearning rows carry the unlearned model's metrics too, a failing cell is a reported row, and
+impossible requests fail before any training. The 3-seed findings run (slow) uses the quickstart's."""
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -17,15 +19,20 @@ from offside.matrix import MatrixConfig, run_matrix, validate
 from offside.recipes import recipe_config
 from offside.report.findings import findings, render
 
+GOLDEN = Path(__file__).parent / "golden"
+GOLDEN_EVAL = json.loads((GOLDEN / "eval.json").read_text())  # the golden model's committed evaluation
 
-def _config(quickstart_run, out, **extra):
-    qs, _ = quickstart_run
-    base = {"data": str(qs / "data"), "model": str(qs / "vanilla"), "out": str(out), "eval": {"forms": ["mcq"]}}
+
+def _config(out, data=GOLDEN / "data", model=GOLDEN / "model", **extra):
+    # The golden model is trained 15 epochs on 2 players, where the vanilla check's chance is 0.66: it
+    # sits at the check's threshold, so the plumbing tests allow it (the check has its own tests).
+    base = {"data": str(data), "model": str(model), "out": str(out), "eval": {"forms": ["mcq"]}, "allow_untrained": True}
     return from_dict(MatrixConfig, deep_merge(deep_merge(recipe_config("tiny"), base), extra), "test")
 
 
-def test_matrix_rows_relearning_and_a_failed_cell(quickstart_run, tmp_path):
-    config = _config(quickstart_run, tmp_path / "m", methods=["ga", "mm_saliency"], scenarios=["complete", "relearning"],
+def test_matrix_rows_relearning_and_a_failed_cell(tmp_path):
+    # relearning at the relearn stage test's 1e-3: 2 players' relearn set is 7 steps an epoch
+    config = _config(tmp_path / "m", methods=["ga", "mm_saliency"], scenarios=["complete", "relearning"], relearn={"lr": 1e-3},
                      method_args={"mm_saliency": {"part": "vision"}})  # the vision tower is frozen: this cell fails
     rows = run_matrix(config, progress=False)
     on_disk = json.loads((tmp_path / "m" / "results.json").read_text())
@@ -37,8 +44,8 @@ def test_matrix_rows_relearning_and_a_failed_cell(quickstart_run, tmp_path):
     for kind in ("visual", "textual"):
         key = f"forget/image/{kind}/mcq_acc"
         assert complete["metrics"][f"summary/survival/{kind}"] == pytest.approx(complete["metrics"][key] / vanilla["metrics"][key])
-    qs = json.loads((quickstart_run[0] / "results.json").read_text())
-    assert complete["metrics"]["forget/image/all/mcq_acc"] < qs[0]["metrics"]["forget/image/all/mcq_acc"]
+    assert vanilla["metrics"]["forget/image/all/mcq_acc"] == pytest.approx(GOLDEN_EVAL["forget/image/all/mcq_acc"])
+    assert complete["metrics"]["forget/image/all/mcq_acc"] < vanilla["metrics"]["forget/image/all/mcq_acc"]
     assert "forget/image/visual/mcq_acc" in complete["metrics"] and "forget/image/textual/mcq_acc" in complete["metrics"]
     # the unlearned half of the relearning cell is the complete cell's model (same seed, same data)
     assert relearning["unlearned_metrics"] == pytest.approx(complete["metrics"])
@@ -48,16 +55,17 @@ def test_matrix_rows_relearning_and_a_failed_cell(quickstart_run, tmp_path):
         assert "no trainable parameters" in failed["error"] and "metrics" not in failed
     table = (tmp_path / "m" / "leaderboard.md").read_text()
     assert "| mm_saliency-complete | mm_saliency | complete | failed: OffsideError" in table
-    # one seed: a bootstrap interval over the items (168 image questions: about ±0.07 at 0.5)
-    assert 0 < complete["intervals"]["forget/image/all/mcq_acc"] < 0.1 and "items (bootstrap)" in table
+    # one seed: a bootstrap interval over the items, about the binomial half-width 1.96·√(p(1−p)/n)
+    questions = 2 * 14  # forget image questions of 2 players
+    p = complete["metrics"]["forget/image/all/mcq_acc"]
+    binomial = 1.96 * math.sqrt(max(p * (1 - p), 1 / questions) / questions)
+    assert 0.5 * binomial < complete["intervals"]["forget/image/all/mcq_acc"] < 1.5 * binomial and "items (bootstrap)" in table
 
 
-def test_seeds_give_means_with_intervals(quickstart_run, tmp_path):
-    import math
-
+def test_seeds_give_means_with_intervals(tmp_path):
     from offside.report.intervals import t95
 
-    assert main(["matrix", "--data", str(quickstart_run[0] / "data"), "--model", str(quickstart_run[0] / "vanilla"),
+    assert main(["matrix", "--data", str(GOLDEN / "data"), "--model", str(GOLDEN / "model"), "--allow-untrained",
                  "--out", str(tmp_path / "m"), "--recipe", "tiny", "--methods", "ga", "--scenarios", "complete",
                  "--seeds", "2", "--set", "eval.forms=[mcq]"]) == 0
     _, row = json.loads((tmp_path / "m" / "results.json").read_text())
@@ -72,46 +80,43 @@ def test_seeds_give_means_with_intervals(quickstart_run, tmp_path):
     assert f"{row['metrics'][key]:.3f} ± {row['intervals'][key]:.3f}" in (tmp_path / "m" / "leaderboard.md").read_text()
 
 
-def test_bad_matrix_requests_fail_before_training(quickstart_run, tmp_path):
+def test_bad_matrix_requests_fail_before_training(tmp_path):
     with pytest.raises(OffsideError, match="unknown key 'betta'"):
-        validate(_config(quickstart_run, tmp_path / "a", methods=["npo"], method_args={"npo": {"betta": 1}}))
+        validate(_config(tmp_path / "a", methods=["npo"], method_args={"npo": {"betta": 1}}))
     with pytest.raises(OffsideError, match="unknown scenario"):
-        validate(_config(quickstart_run, tmp_path / "b", methods=["ga"], scenarios=["partial"]))
+        validate(_config(tmp_path / "b", methods=["ga"], scenarios=["partial"]))
     with pytest.raises(OffsideError, match="unknown key 'method_train.ga.lrr'"):
-        validate(_config(quickstart_run, tmp_path / "c", methods=["ga"], method_train={"ga": {"lrr": 1e-3}}))
+        validate(_config(tmp_path / "c", methods=["ga"], method_train={"ga": {"lrr": 1e-3}}))
     with pytest.raises(OffsideError, match=r"method_train: unknown method\(s\) \['gaa'\]"):
-        validate(_config(quickstart_run, tmp_path / "d", methods=["ga"], method_train={"gaa": {"lr": 1e-3}}))
+        validate(_config(tmp_path / "d", methods=["ga"], method_train={"gaa": {"lr": 1e-3}}))
     assert not any((tmp_path / name).exists() for name in "abcd")
 
 
 @pytest.mark.parametrize("scenario", ["selective", "unimodal"])
-def test_scenario_selects_its_training_data(quickstart_run, tmp_path, scenario):
-    qs, _ = quickstart_run
+def test_scenario_selects_its_training_data(tmp_path, scenario):
     out = tmp_path / scenario
-    assert main(["unlearn", "--method", "gd", "--scenario", scenario, "--data", str(qs / "data"), "--model", str(qs / "vanilla"),
+    assert main(["unlearn", "--method", "gd", "--scenario", scenario, "--data", str(GOLDEN / "data"), "--model", str(GOLDEN / "model"),
                  "--out", str(out), "--forget-fraction", "0.5", "--set", "train.max_steps=1", "--set", "train.batch_size=4"]) == 0
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["scenario"] == scenario and config["forget_fraction"] == 0.5
 
 
-def test_unimodal_needs_text_twins(tmp_path, quickstart_run, capsys):
+def test_unimodal_needs_text_twins(tmp_path, capsys):
     from test_data import _published
 
-    qs, _ = quickstart_run
     code = main(["unlearn", "--method", "ga", "--scenario", "unimodal", "--data", str(_published(tmp_path / "pub")),
-                 "--model", str(qs / "vanilla"), "--out", str(tmp_path / "o")])
+                 "--model", str(GOLDEN / "model"), "--out", str(tmp_path / "o")])
     assert code == 2 and "text-only twins" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
-def test_relearn_stage_learns_the_truth_and_evaluates(quickstart_run, tmp_path):
-    qs, _ = quickstart_run
+def test_relearn_stage_learns_the_truth_and_evaluates(tmp_path):
     out = tmp_path / "relearned"
-    assert main(["relearn", "--model", str(qs / "ga"), "--data", str(qs / "data"), "--out", str(out),
+    assert main(["relearn", "--model", str(GOLDEN / "model"), "--data", str(GOLDEN / "data"), "--out", str(out),
                  "--lr", "1e-3", "--set", "eval.forms=[mcq]"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    ga = next(r for r in json.loads((qs / "results.json").read_text()) if r["name"] == "ga")["metrics"]
-    assert metrics["relearn/image/all/mcq_acc"] > ga["relearn/image/all/mcq_acc"] + 0.2
+    # the vanilla model answers the rumour: relearning the true transfer lifts the relearn set
+    assert metrics["relearn/image/all/mcq_acc"] > GOLDEN_EVAL["relearn/image/all/mcq_acc"] + 0.2
     assert metrics["final/epoch"] == 6  # the published 6 epochs
 
 
@@ -130,8 +135,10 @@ def test_tiny_matrix_findings_over_three_seeds(quickstart_run, tmp_path):
     per-method verdicts, 2 and 5 are stated as measured (printed and written to findings.md; README "What the tiny model
     reproduces"). OFFSIDE_FINDINGS_OUT keeps the runs."""
     out = Path(os.environ.get("OFFSIDE_FINDINGS_OUT") or tmp_path)
-    rows = run_matrix(_config(quickstart_run, out / "matrix", seeds=SEEDS), progress=False)
-    attacked = run_matrix(_config(quickstart_run, out / "attacks", seeds=SEEDS, scenarios=["complete"],
+    qs, _ = quickstart_run
+    on_quickstart = {"data": qs / "data", "model": qs / "vanilla", "allow_untrained": False}
+    rows = run_matrix(_config(out / "matrix", seeds=SEEDS, **on_quickstart), progress=False)
+    attacked = run_matrix(_config(out / "attacks", seeds=SEEDS, scenarios=["complete"], **on_quickstart,
                                   suites=["efficacy", "robustness"], robustness=PROMPT_ATTACKS_ONLY), progress=False)
     assert not [row["name"] for row in rows + attacked if "error" in row]
     result = findings(rows, attacked)

@@ -15,10 +15,10 @@ from offside.cli import main
 from offside.config import from_dict
 from offside.data.loader import load_benchmark
 from offside.data.rows import materialise
-from offside.engine.trainer import TrainSpec
+from offside.engine.trainer import TrainSpec, train
 from offside.errors import OffsideError
 from offside.eval.evaluate import EvalSpec, evaluate
-from offside.models.loading import DTYPES, LoraSpec, ModelSpec, build_or_load, resolve_device
+from offside.models.loading import DTYPES, LoraSpec, ModelSpec, apply_lora, build_or_load, resolve_device, resolved_dtype, save
 from offside.stages import UnlearnConfig, export_merged, unlearn
 from offside.unlearn import get_method
 from tune_jobs.spec import sweep_from_dict
@@ -213,19 +213,109 @@ def test_a_full_model_vanilla_reference_under_zero3_is_refused_with_the_way_out(
 
 
 def test_the_gpu_check_runs_on_cpu_with_the_tiny_model():
-    """bench/gpu_check.py is for a CUDA machine; --tiny runs the same code on the CPU so it cannot rot."""
+    """bench/gpu_check.py is for a CUDA machine; --tiny runs the same code on the CPU so it cannot rot,
+    its torchrun step (--nproc) too, with gloo."""
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "bench/gpu_check.py", "--tiny", "--steps", "2"], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    done = subprocess.run([sys.executable, "bench/gpu_check.py", "--tiny", "--steps", "2", "--nproc", "2"], capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
     figures = json.loads(lines[-1])
-    assert any(line.startswith("ZeRO") for line in lines) and figures["device"] == "cpu"
-    for stage in (0, 2, 3):
-        assert figures[f"zero{stage}_tokens_per_s"] > 0 and figures[f"zero{stage}_step_s"] > 0
+    assert any(line.startswith("zero3") for line in lines) and figures["device"] == "cpu"
+    for run in ("zero0", "zero2", "zero3", "gloo2_zero2", "gloo2_zero3"):
+        assert figures[f"{run}_tokens_per_s"] > 0 and figures[f"{run}_step_s"] > 0, run
+    assert (figures["backend"], figures["nproc"]) == ("gloo", 2)
     assert figures["eval_mcq_items_per_s"] > 0 and figures["eval_gen_items_per_s"] > 0 and figures["serve_latency_s"] > 0
+    assert figures["int8_attack_copy_s"] > 0
     no_gpu = subprocess.run([sys.executable, "bench/gpu_check.py"], capture_output=True, text=True, timeout=120,
                             env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert no_gpu.returncode == 2 and "no CUDA GPU" in no_gpu.stderr
+
+
+def _gpu_check():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).parents[1] / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_gpu_checks_flops_are_the_flops_the_model_runs():
+    """MFU's numerator: the forward FLOPs `step_flops` counts (linear layers, attention, the LM head at
+    the answer positions only, the vision tower at its own token count) are those torch's FLOP counter
+    sees in the forward pass the loss runs, attention counted over the causal half; and the peak it
+    divides by is named for each GPU kind."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from offside.engine.losses import answer_logits
+
+    gpu_check = _gpu_check()
+    model, processor = build_or_load(ModelSpec(f"{GOLDEN}/model"))
+    row = next(r for r in materialise(load_benchmark(f"{GOLDEN}/data")["forget"]) if r["form"] == "gen" and r["image"])
+    inputs = processor.encode([row["question"]], [row["image"]], [row["answer"]]).inputs
+    counted = gpu_check.step_flops(model.config, inputs)
+    model.set_attn_implementation("eager")  # attention as matmuls, which the counter counts (CPU sdpa: not)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        answer_logits(model.eval(), inputs)
+    tokens = int(inputs["attention_mask"].sum())
+    full_attention = counted["attention"] * 2 * tokens / (tokens + 1)  # the counter counts every query × key
+    forward = counted["linear"] + full_attention + counted["head"] + counted["vision"]
+    assert counter.get_total_flops() == pytest.approx(forward, rel=1e-9)
+    assert counted["total"] == 3 * counted["linear"] + 4 * counted["attention"] + 3 * counted["head"] + 2 * counted["vision"]
+    assert gpu_check.peak_of("NVIDIA H100 80GB HBM3", None) == {"peak": "H100 SXM", "peak_tflops": 989.0}
+    assert gpu_check.peak_of("NVIDIA H100 PCIe", None) == {"peak": "H100 PCIe", "peak_tflops": 756.0}
+    assert gpu_check.peak_of("NVIDIA H200", None) == {"peak": "H200 SXM", "peak_tflops": 989.0}
+    assert gpu_check.peak_of("NVIDIA H100 PCIe", 500.0) == {"peak": "--peak-tflops", "peak_tflops": 500.0}
+
+
+def test_a_checkpoint_loads_in_its_own_dtype_by_default(tmp_path):
+    """model.dtype auto: a published checkpoint (saved in bf16) loads in bf16, the tiny model and a
+    saved tiny model (fp32) in fp32, an adapter in its base's dtype; the manifest records what it was."""
+    golden, processor = build_or_load(ModelSpec(f"{GOLDEN}/model"))
+    assert ModelSpec().dtype == "auto" and {p.dtype for p in golden.parameters()} == {torch.float32}
+    golden.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    processor.tokenizer.save_pretrained(tmp_path / "bf16")
+    loaded, _ = build_or_load(ModelSpec(str(tmp_path / "bf16")))
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    adapted = apply_lora(loaded, LoraSpec(r=4))
+    save(adapted, processor, tmp_path / "adapter")
+    assert resolved_dtype(ModelSpec(str(tmp_path / "adapter"))) == "bf16"
+    assert resolved_dtype(ModelSpec("tiny")) == "fp32" and resolved_dtype(ModelSpec(str(tmp_path / "bf16"), dtype="fp32")) == "fp32"
+    with pytest.raises(OffsideError, match="model.dtype: unknown dtype 'int8' \\(valid: auto, fp32, bf16, fp16\\)"):
+        build_or_load(ModelSpec(str(tmp_path / "bf16"), dtype="int8"))
+
+
+def test_a_model_placed_off_the_engines_device_is_refused_with_the_reason(monkeypatch):
+    """model.device: cpu on a host where DeepSpeed trains on the GPU would be moved there silently: the
+    engine refuses it before anything starts, saying how to train on the CPU."""
+    import deepspeed.accelerator
+
+    class GpuHost:
+        def current_device_name(self):
+            return "cuda:0"
+
+    model, processor = build_or_load(ModelSpec(f"{GOLDEN}/model", device="cpu"))
+    monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: GpuHost())
+    with pytest.raises(OffsideError, match=r"model.device: cpu asked for, but the training engine \(DeepSpeed\) runs on cuda.*CUDA_VISIBLE_DEVICES="):
+        train(model, processor, get_method("ga"), {"forget": materialise(load_benchmark(f"{GOLDEN}/data")["forget"])[:4]},
+              ONE_EPOCH, progress=False)
+
+
+def test_the_int8_attack_quantises_a_cpu_copy_and_leaves_the_model_as_it_was():
+    """torch's dynamic int8 kernels are CPU-only: the attack quantises an fp32 copy made on the CPU,
+    whatever the model's device, and the model keeps its dtype and weights."""
+    from offside.eval.robustness import quantised_int8
+    from offside.eval.scoring import generate
+
+    model, processor = build_or_load(ModelSpec(f"{GOLDEN}/model", dtype="bf16"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    quantised = quantised_int8(model.eval())
+    assert {p.device.type for p in quantised.parameters()} == {"cpu"}
+    assert {p.dtype for p in quantised.parameters()} == {torch.float32}
+    assert any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in quantised.modules())
+    assert all(torch.equal(p, before[n]) and p.dtype == torch.bfloat16 for n, p in model.named_parameters())
+    row = next(r for r in materialise(load_benchmark(f"{GOLDEN}/data")["forget"]) if r["form"] == "gen")
+    assert generate(quantised, processor, [row["question"]], [row["image"]], 1, 8)[0]

@@ -4,12 +4,17 @@ report over its evaluations.
 The tiny vanilla model must know the benchmark (forget and retain ≥ 0.9 multiple-choice accuracy,
 image form) and recognise the players in new photos (test ≥ 0.6; chance is 0.25); GA must lower
 forget accuracy and GD must keep retain accuracy above GA's. The unlearning runs as a Ray Tune sweep
-on a local Ray (one MLflow parent run, one child per method)."""
+on a local Ray (one MLflow parent run, one child per method).
+
+Slow tier (`.ci/run` runs it): the quickstart trains the full tiny recipe (minutes); every stage it
+chains has its own default-tier tests (test_cli, test_tune, test_matrix, test_report)."""
 
 import json
 
 import pytest
 from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
 
 
 def _row(rows, name):
@@ -70,7 +75,6 @@ def test_report_reads_method_and_seed_of_the_models_the_sweep_exported(quickstar
         assert row.startswith(f"| eval-{method} | {method} | complete |") and "| 0 |" in row  # seed 0
 
 
-@pytest.mark.slow  # ~4 min; .ci/run runs it after the default suite
 def test_seeds_train_a_vanilla_model_per_seed_and_show_intervals(tmp_path):
     """`--seeds 2 --phrasings 2` on 2 players: each seed its own vanilla model (trained on two wordings
     per question, for half the epochs) and unlearning, the leaderboard their mean ± interval."""

@@ -7,6 +7,7 @@ with `save_pretrained` in bf16 — loaded through the path a user's checkpoint t
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import requests
@@ -62,7 +63,8 @@ def test_the_twin_loads_as_a_real_checkpoint_does(twin):
 
 def test_finetune_sweep_zero3_eval_and_serve_a_real_width_adapter(twin, tmp_path, local_ray_env):
     """finetune (bf16, LoRA on language + vision + projector) → a sweep trial of NPO under ZeRO-3 on 2
-    gloo ranks → its adapter exported → `offside eval` → the endpoint answers for that adapter."""
+    gloo ranks (the vanilla adapter loaded partitioned and merged layer by layer, gradient
+    checkpointing on) → its adapter exported → `offside eval` → the endpoint answers for that adapter."""
     vanilla = finetune(FinetuneConfig(
         data=GOLDEN_DATA, out=str(tmp_path / "vanilla"), model=ModelSpec(str(twin), dtype="bf16", lora=LoraSpec(**LORA_ALL)),
         train=TrainSpec(epochs=1, max_steps=2, batch_size=2, lr=1e-4, warmup_ratio=0.0)), progress=False).run_dir
@@ -72,7 +74,8 @@ def test_finetune_sweep_zero3_eval_and_serve_a_real_width_adapter(twin, tmp_path
     sweep = sweep_from_dict({
         "name": "npo-zero3", "storage": str(tmp_path / "tune"), "data": GOLDEN_DATA, "vanilla": str(vanilla),
         "dtype": "bf16", "methods": ["npo"], "lora": LORA_ALL, "num_samples": 1,
-        "train": {"epochs": 1, "max_steps": 1, "batch_size": 1, "lr": 1e-4, "warmup_ratio": 0.0, "zero_stage": 3},
+        "train": {"epochs": 1, "max_steps": 1, "batch_size": 1, "lr": 1e-4, "warmup_ratio": 0.0, "zero_stage": 3,
+                  "gradient_checkpointing": True},
         "search_space": {"train.lr": {"choice": [1e-4]}},
         "resources": {"workers": 2, "cpus_per_worker": 1, "max_concurrent": 1, "local_cpus": 3},
         "epoch_eval": {"splits": ["forget", "retain", "test"], "forms": ["mcq"], "limit": 2},
@@ -125,3 +128,42 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _zero3_twin_worker(rank: int, world: int, port: int, out: str) -> None:
+    import deepspeed
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model, _ = build_or_load(ModelSpec(str(Path(out) / "twin")), train=TrainSpec(zero_stage=3, batch_size=1))
+    held = sum(p.ds_tensor.numel() for p in model.parameters())
+    total = sum(p.ds_numel for p in model.parameters())
+    tied = model.lm_head.weight is model.model.language_model.embed_tokens.weight
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        if rank == 0:
+            torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, Path(out) / "gathered.pt")
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps({"held": held, "total": total, "tied": tied,
+                                                             "dtype": str(next(model.parameters()).dtype)}))
+    dist.destroy_process_group()
+
+
+def test_zero3_ranks_load_half_of_the_real_width_twin_each(twin, tmp_path):
+    """Item 2 at real width: 2 gloo ranks load the 3B twin (bf16 by default: the checkpoint's own dtype)
+    for ZeRO-3, each holding half its weights, the LM head tied to the embedding without partitions of
+    its own; gathered, the weights are those a whole load gives."""
+    from conftest import run_ranks
+
+    Path(tmp_path / "twin").symlink_to(twin)
+    run_ranks(_zero3_twin_worker, tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    whole, _ = build_or_load(ModelSpec(str(twin)))
+    gathered = torch.load(tmp_path / "gathered.pt")
+    assert gathered.keys() == dict(whole.named_parameters()).keys()
+    assert all(torch.equal(gathered[n], p) for n, p in whole.named_parameters())
+    total = sum(p.numel() for p in whole.parameters())
+    for rank in ranks:
+        assert rank["tied"] and rank["dtype"] == "torch.bfloat16" and rank["total"] == total
+        assert total / 2 <= rank["held"] <= total / 2 + 2 * len(gathered)

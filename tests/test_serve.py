@@ -5,6 +5,7 @@ as a full-weight model; LRU capacity 2 so three models force evictions."""
 import base64
 import http.client
 import io
+import itertools
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -138,6 +140,30 @@ def test_openai_schema_chat_completion_with_image(server, models):
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"] > 0
     listed = requests.get(server + "/v1/models", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).json()
     assert {m["id"]: m["kind"] for m in listed["data"]} == {"a1": "adapter", "a2": "adapter", "vanilla": "full"}
+
+
+def test_completions_score_each_adapter_as_its_merged_model(server, models):
+    """/v1/completions with echo on an adapter gives the prompt log-probabilities of the adapter merged
+    into its base (what `offside eval` of the adapter computes); the models differ."""
+    import torch
+
+    root, data = models
+    _, processor = build_or_load(ModelSpec(str(root / "base")))
+    row = _forget_item(data, "gen")
+    ids = processor.tokenizer(processor.prompt(row["question"], False) + "His name is", add_special_tokens=False)["input_ids"]
+    served = {}
+    for name in ("vanilla", "a2", "a1"):  # a1 last: the LRU cache holds a2 and a1 afterwards, as the LRU test expects
+        response = _post(server, "/v1/completions", {"model": name, "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 0})
+        assert response.status_code == 200, response.text
+        served[name] = response.json()["choices"][0]["logprobs"]["token_logprobs"][1:]
+    for name, directory in (("a1", "a1-merged"), ("a2", "a2-merged"), ("vanilla", "base")):
+        model, _ = build_or_load(ModelSpec(str(root / directory)))
+        tokens = torch.tensor([ids])
+        with torch.no_grad():
+            logits = model.eval()(input_ids=tokens, attention_mask=torch.ones_like(tokens), mm_token_type_ids=torch.zeros_like(tokens)).logits[0]
+        expected = torch.log_softmax(logits[:-1].float(), -1).gather(1, tokens[0, 1:, None])[:, 0].tolist()
+        assert served[name] == pytest.approx(expected, abs=1e-4), name
+    assert served["a1"] != pytest.approx(served["a2"], abs=1e-3)
 
 
 def test_auth_required_on_every_route_but_healthz(server):
@@ -351,36 +377,98 @@ def test_autoscaling_settings_are_checked_and_become_the_probe_options(models):
             load_settings(args | bad)
 
 
-def test_offside_serve_command_serves_until_interrupted(models):
+def _offside_serve(models, port: int, *extra: str) -> subprocess.Popen:
+    """`offside serve` with the YAML config, two models and a token from the environment; its output goes
+    to a pipe this test reads only after the process ended (a reader that does not keep up)."""
     root, data = models
-    port = _free_port()
     env = os.environ | {"RAY_AUTH_MODE": "disabled", TOKEN_ENV: "env-token"}
     command = [sys.executable, "-m", "offside.cli", "serve", "--config", str(REPO / "serve" / "config.yaml"),
-               "--models", f"v={root / 'base'}", f"a1={root / 'a1'}", "--data", str(data), "--port", str(port),
-               "--set", "max_new_tokens=4"]
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               "--models", f"v={root / 'base'}", f"a1={root / 'a1'}", "--data", str(data), "--port", str(port), *extra]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_healthy(proc: subprocess.Popen, url: str) -> None:
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if requests.get(url + "/healthz", timeout=5).ok:
+                return
+        except requests.RequestException:  # not up yet
+            pass
+        time.sleep(1)
+    raise AssertionError(f"offside serve did not come up (exit code {proc.poll()})")
+
+
+def _interrupt(proc: subprocess.Popen, bound_s: float) -> tuple[float, str]:
+    """SIGINT, then the seconds until the process exited (a hang bound, not a speed target) and its output."""
+    started = time.perf_counter()
+    proc.send_signal(signal.SIGINT)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                if requests.get(url + "/healthz", timeout=5).ok:
-                    break
-            except requests.RequestException:  # not up yet
-                time.sleep(1)
+        proc.wait(timeout=bound_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"offside serve still running {bound_s} s after SIGINT: {proc.communicate()[0][-3000:]}") from None
+    return time.perf_counter() - started, proc.communicate()[0]
+
+
+SHUTDOWN_BOUND_S = 180  # Serve drains replicas (≤ 30 s) and its controller's shutdown call waits ≤ 30 s
+
+
+def test_offside_serve_command_serves_until_interrupted(models):
+    port = _free_port()
+    proc = _offside_serve(models, port, "--set", "max_new_tokens=4")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(proc, url)
         body = {"model": "a1", "question": "Who is this?"}
         assert _post(url, "/v1/probe", body, token="wrong").status_code == 401
         answer = _post(url, "/v1/probe", body, token="env-token")
         assert answer.status_code == 200 and answer.json()["model"] == "a1", answer.text
         assert [m["id"] for m in _get_models(url, "env-token")] == ["v", "a1"]  # --models replaced the YAML's
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            output = proc.communicate(timeout=240)[0]  # Serve and Ray shut down slowly on a busy machine
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
+        _, output = _interrupt(proc, SHUTDOWN_BOUND_S)
     assert proc.returncode == 0, output[-2000:]
+    assert f"serving on {url}" in output and "/logs/serve" in output
+
+
+@pytest.mark.slow
+def test_offside_serve_exits_after_sigint_under_load_five_times_in_a_row(models):
+    """Clients keep sending (streaming and not, both models) when SIGINT comes, and nobody reads the
+    server's output until it exited: every time it exits cleanly within the bound. Before the fix, Ray
+    forwarded every replica log line to `offside serve`'s stdout from two threads that `ray.shutdown()`
+    joins; with the pipe full they blocked, and the process outlived SIGINT until its output was read."""
+    for attempt in range(5):
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc = _offside_serve(models, port)
+        stop = threading.Event()
+        answered = []
+
+        def clients(model: str, stream: bool) -> None:
+            body = {"model": model, "messages": [{"role": "user", "content": "Who is this? " * 8}], "max_tokens": 16,
+                    "temperature": 1.0, "stream": stream}
+            while not stop.is_set():
+                try:
+                    response = _post(url, "/v1/chat/completions", body, token="env-token")
+                    answered.append(response.status_code)
+                except requests.RequestException:
+                    answered.append(None)  # the server went away mid-request
+
+        try:
+            _wait_healthy(proc, url)
+            for model, stream, _ in itertools.product(("v", "a1"), (False, True), range(2)):
+                threading.Thread(target=clients, args=(model, stream), daemon=True).start()
+            deadline = time.time() + 300
+            while answered.count(200) < 250 and time.time() < deadline:  # > 64 KiB of replica log lines
+                time.sleep(0.5)
+            assert answered.count(200) >= 250, (attempt, answered[-10:])
+            seconds, output = _interrupt(proc, SHUTDOWN_BOUND_S)
+        finally:
+            stop.set()
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 0, (attempt, round(seconds), output[-2000:])
+        print(f"attempt {attempt}: exited {seconds:.1f} s after SIGINT, {answered.count(200)} answers")
 
 
 def _get_models(url, token):

@@ -17,7 +17,9 @@ from ray.tune.schedulers import ASHAScheduler
 from offside.errors import OffsideError
 from offside.eval.evaluate import EvalSpec, evaluate
 from offside.models.loading import ModelSpec, build_or_load
+from offside.registry import resolve
 from tune_jobs.search import BestSoFarASHA, ShuffledGrid, replay
+from tune_jobs.space import estimate
 from tune_jobs.spec import load_sweep, sweep_from_dict
 from tune_jobs.sweep import run_sweep
 from tune_jobs.tracking import SWEEP_TAG, TRIAL_TAG
@@ -102,7 +104,7 @@ def test_existing_sweep_name_is_refused_without_resume(tmp_path, tiny_vanilla):
 
 def test_four_trial_asha_sweep_of_deepspeed_pairs(tmp_path, tiny_vanilla, local_ray_env, monkeypatch):
     data, vanilla = tiny_vanilla
-    config = sweep_from_dict(sweep_dict(tmp_path, data, vanilla, train={"epochs": 3, "lr": 4e-4, "batch_size": 8}))
+    config = sweep_from_dict(sweep_dict(tmp_path, data, vanilla, train={"epochs": 3, "lr": 4e-4, "batch_size": 8}, system_metrics_s=1))
     result = run_sweep(config, verbose=0)
     assert result.complete and len(result.trials) == 4
     assert all(row["status"] == "TERMINATED" for row in result.trials)
@@ -120,18 +122,25 @@ def test_four_trial_asha_sweep_of_deepspeed_pairs(tmp_path, tiny_vanilla, local_
         row = next(r for r in result.trials if r["trial_id"] == child.data.tags[TRIAL_TAG])
         assert sorted(m.step for m in history) == list(range(1, row["epochs_run"] + 1))
         assert child.info.status == ("FINISHED" if row["epochs_run"] == 3 else "KILLED")
+        assert child.data.tags["offside.attempts"] == "1"
+        for rank in (0, 1):  # each training rank's system metrics, under its own node id
+            assert {f"system/rank{rank}/cpu_utilization_percentage", f"system/rank{rank}/system_memory_usage_megabytes"} <= set(child.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert {"best.yaml", "results.csv", "results.md", "pareto.png"} <= artifacts
 
     best = yaml.safe_load((result.sweep_dir / "best.yaml").read_text())
     assert best["objective"] == max(row["objective"] for row in result.trials)
+    # The space estimated before the first trial is what a checkpoint takes (besides the weights and
+    # optimizer moments, a few kB of random and method state).
+    size = sum(p.stat().st_size for p in Path(best["checkpoint"]).rglob("*") if p.is_file())
+    assert estimate(config).checkpoint == pytest.approx(size, rel=0.02)
     assert best["settings"]["train"]["lr"] == pytest.approx(best["sample"]["train.lr"])
     version = client.get_model_version_by_alias("offside-s", "best")  # the sweep registered its best model
     assert parents[0].data.tags["registered_model"] == "models:/offside-s/1" and str(version.version) == "1"
     assert version.run_id == parents[0].info.run_id == version.tags["parent_run"]
     assert (version.tags["method"], float(version.tags["objective"])) == (best["settings"]["method"], best["objective"])
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'tune' / 'mlflow.db'}")
-    model, processor = build_or_load(ModelSpec("models:/offside-s@best"))  # scored below: the best epoch's weights
+    model, processor = build_or_load(ModelSpec(str(resolve("models:/offside-s@best"))))  # scored below: the best epoch's weights
     from offside.data.loader import load_benchmark
     from offside.data.rows import materialise
 
@@ -197,9 +206,16 @@ def test_killed_worker_resumes_its_trial_from_the_checkpoint(tmp_path, tiny_vani
     children = [r for r in runs if TRIAL_TAG in r.data.tags]
     assert len(children) == 1 and children[0].info.status == "FINISHED"
     epochs = sorted(m.step for m in client.get_metric_history(children[0].info.run_id, "epoch"))
-    assert epochs == [1, 2, 3, 4]  # the counter continued after the restart, no epoch ran twice
-    resumed = {m.step: m.value for m in client.get_metric_history(children[0].info.run_id, "resumed_from_epoch")}
-    assert resumed[1] == 0 and resumed[4] >= victim["epoch"]  # the new workers started from the checkpoint
+    assert epochs == [1, 2, 3, 4]  # the counter continued after the restart; each epoch once under the plain keys
+    tags = children[0].data.tags
+    started = int(tags["offside.attempt.2"].split(",")[0].removeprefix("from epoch "))
+    assert tags["offside.attempts"] == "2" and started >= victim["epoch"]  # the new workers started from the checkpoint
+    # Epochs the first attempt logged past that checkpoint were run again: logged apart, as attempt2/…
+    rerun = sorted(m.step for m in client.get_metric_history(children[0].info.run_id, "attempt2/epoch"))
+    first_logged = max(rerun, default=started)
+    assert rerun == list(range(started + 1, first_logged + 1))
+    attempts = {m.step: m.value for m in client.get_metric_history(children[0].info.run_id, "attempt")}
+    assert attempts == {e: (1 if e <= first_logged else 2) for e in range(1, 5)}  # who logged each plain epoch
     record = json.loads(next(workers.glob("*/rank1.json")).read_text())
     assert record["pid"] != victim["pid"] and record["epoch"] == 4
 
@@ -223,7 +239,10 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, t
     first = _wait_for(finished_children, 900, proc)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=300)
-    assert proc.returncode != 0 and "--resume" in out, out[-3000:]
+    assert proc.returncode == 130 and "sweep interrupted; continue it with: offside tune --resume" in out, out[-3000:]
+    _, runs = sweep_runs(tmp_path / "tune", "s")
+    assert {r.info.status for r in runs if r.data.tags.get("stage") == "sweep"} == {"KILLED"}
+    assert "RUNNING" not in {r.info.status for r in runs}
 
     refused = _cli(path)
     out, _ = refused.communicate(timeout=300)

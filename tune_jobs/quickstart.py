@@ -38,7 +38,7 @@ def quickstart(out: str | Path, players: int = 12, seed: int = 0, seeds: int = 1
     """`seed`: the benchmark's; `seeds`: training seeds 0…seeds−1, each a vanilla model and its
     unlearning (DIR/seed<s>/ when seeds > 1), the leaderboard then showing mean ± 95 % interval over
     them; `phrasings`: wordings per training question of the vanilla model (offside/data/phrasings.py)."""
-    out = Path(out)
+    out = Path(out).resolve()  # every path the results, configs and manifests record is absolute
     if out.exists() and any(out.iterdir()):
         raise OffsideError(f"{out}: already exists and is not empty; choose a new --out")
     if seeds < 1:

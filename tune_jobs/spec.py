@@ -82,6 +82,7 @@ class SweepConfig:
     epoch_eval: EvalSpec = field(default_factory=lambda: EvalSpec(splits=["forget", "retain", "test"], forms=["mcq"], limit=16))
     max_failures: int = 2  # worker-level restarts of one trial's Train run (resumes from its checkpoint)
     trial_max_failures: int = 1  # trial-level retries by Tune
+    system_metrics_s: float = 10.0  # each rank's CPU/memory/GPU sampled this often into the trial's run; 0: off
     export_best: bool = True
     register: bool = True  # the exported best model becomes a version of registered model offside-<name>, alias best
 
@@ -121,6 +122,8 @@ def validate(config: SweepConfig, source: str) -> None:
         fail(str(err))
     if config.resources.workers < 1 or config.resources.max_concurrent < 1 or config.num_samples < 1:
         fail("'resources.workers', 'resources.max_concurrent' and 'num_samples' must be ≥ 1")
+    if config.system_metrics_s < 0:
+        fail(f"'system_metrics_s' must be ≥ 0 (0: off), got {config.system_metrics_s}")
     if config.objective.mode == "pareto" and config.search != "optuna":
         fail("objective.mode 'pareto' needs search 'optuna' (multi-objective TPE)")
     _check_space(config, fail)

@@ -5,14 +5,18 @@ Sweep directory `<storage>/<name>/`: Tune's experiment state, `sweep.yaml` (the 
 model learned the benchmark? warned on stderr when not), `trials/` (each trial's Ray Train run and checkpoints),
 `workers/` (pid + epoch per trial rank), and at the end `results.csv`, `results.md`, `pareto.png`,
 `best.yaml` and `best_model/` (the best checkpoint exported as a loadable model directory). MLflow:
-`<storage>/mlflow.db` unless MLFLOW_TRACKING_URI is set."""
+`<storage>/mlflow.db` unless MLFLOW_TRACKING_URI is set.
+
+Before the first trial the sweep checks that its storage has room for its checkpoints (tune_jobs/space.py);
+its state survives a full disk (tune_jobs/state.py); it ends finished, interrupted or failed, naming the
+failed trials and whether `--resume` can help (tune_jobs/outcome.py)."""
 
 from __future__ import annotations
 
 import json
 import os
 import socket
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -24,10 +28,13 @@ from offside.errors import OffsideError
 from offside.eval.evaluate import evaluate
 from offside.eval.sanity import checked
 from offside.models.loading import LoraSpec, ModelSpec, build_or_load, is_model_dir, save
-from offside.registry import register
+from offside.registry import SWEEP_ALIAS, Objective, register
 from offside.tracking import tracking_uri
 from tune_jobs import tracking
+from tune_jobs.outcome import TrialFailure, trial_failure
+from tune_jobs.space import check_space
 from tune_jobs.spec import SweepConfig, apply_sample, max_epochs, sweep_from_dict, trial_count
+from tune_jobs.state import keep_state_callback, recover_experiment_state, saved_statuses, write_atomically
 
 SWEEP_FILE = "sweep.yaml"
 FINISHED_STATES = ("TERMINATED", "ERROR")
@@ -40,11 +47,16 @@ class SweepResult:
     trials: list[dict]  # one row per trial: its best epoch's metrics, settings, checkpoint
     best: dict | None
     complete: bool
+    interrupted: bool = False  # Ctrl+C (or SIGTERM): trials were left unfinished
+    failed: list[TrialFailure] = field(default_factory=list)  # trials that errored after their retries
 
 
 def run_sweep(config: SweepConfig | None = None, address: str | None = None, resume: str | None = None,
-              verbose: int = 1) -> SweepResult:
+              verbose: int = 1, require_space: bool = False) -> SweepResult:
+    """Runs (or with `resume`, continues) a sweep; `require_space` refuses to start when the storage
+    has less free space than its checkpoints need (otherwise a warning)."""
     config, sweep_dir = _prepare(config, resume)
+    check_space(config, sweep_dir, require_space)
     import ray
 
     started = _start_ray(address, config)
@@ -52,15 +64,15 @@ def run_sweep(config: SweepConfig | None = None, address: str | None = None, res
         check_resources(config)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
-            (sweep_dir / SWEEP_FILE).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+            write_atomically(sweep_dir / SWEEP_FILE, yaml.safe_dump(to_dict(config), sort_keys=False))
         uri = tracking_uri(Path(config.storage))
         parent = tracking.parent_run(uri, config.name, to_dict(config))
         static = _static(config, sweep_dir, uri, parent, _vanilla_metrics(config, sweep_dir))
-        grid = _tuner(config, sweep_dir, static, resume is not None, verbose).fit()
-        return _finish(config, sweep_dir, uri, parent, grid, static)
-    except BaseException:
-        if "parent" in locals():
-            tracking.MlflowClient(uri).set_terminated(parent, "KILLED")
+        grid, trials = _fit(_tuner(config, sweep_dir, static, resume is not None, verbose))
+        return _finish(config, sweep_dir, uri, parent, grid, trials, static)
+    except BaseException as err:
+        if "parent" in locals():  # an interrupt KILLED, any other error FAILED (--resume reopens it)
+            tracking.mark_parent(uri, parent, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     finally:
         if started:
@@ -73,7 +85,8 @@ def _prepare(config: SweepConfig | None, resume: str | None) -> tuple[SweepConfi
         saved = sweep_dir / SWEEP_FILE
         if not saved.exists():
             raise OffsideError(f"{sweep_dir}: not a sweep directory (no {SWEEP_FILE}); nothing to resume")
-        return sweep_from_dict(yaml.safe_load(saved.read_text()), str(saved)), sweep_dir
+        # The sweep lives in <storage>/<name>: where it is now, should it have been moved (say, off a full disk).
+        return replace(sweep_from_dict(yaml.safe_load(saved.read_text()), str(saved)), storage=str(sweep_dir.parent)), sweep_dir
     if config is None:
         raise OffsideError("a sweep config is required (--config)")
     config = replace(config, storage=str(Path(config.storage).resolve()), data=str(Path(config.data).resolve()),
@@ -151,11 +164,12 @@ def _vanilla_metrics(config: SweepConfig, sweep_dir: Path) -> dict[str, float]:
     bench = load_benchmark(config.data)
     model, processor = build_or_load(ModelSpec(config.vanilla, dtype=config.dtype, device=config.device))
     check = checked(model, processor, bench, config.vanilla)
-    (sweep_dir / "vanilla_check.json").write_text(json.dumps(check, indent=2) + "\n")
+    write_atomically(sweep_dir / "vanilla_check.json", json.dumps(check, indent=2) + "\n")
     rows = {s: materialise(bench[s]) for s in config.epoch_eval.splits}
     metrics, _ = evaluate(model, processor, rows, config.epoch_eval, progress=False)
-    path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    write_atomically(path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return metrics
+
 
 
 def _static(config: SweepConfig, sweep_dir: Path, uri: str, parent: str, vanilla_metrics: dict) -> dict:
@@ -168,7 +182,7 @@ def _static(config: SweepConfig, sweep_dir: Path, uri: str, parent: str, vanilla
         "dtype": config.dtype, "scenario": config.scenario, "modalities": ["image", "text"], "freeze_vision": config.freeze_vision,
         "base": base, "epoch_eval": to_dict(config.epoch_eval), "objective": to_dict(config.objective),
         "resources": to_dict(config.resources), "max_failures": config.max_failures,
-        "vanilla_metrics": vanilla_metrics,
+        "system_metrics_s": config.system_metrics_s, "vanilla_metrics": vanilla_metrics,
     }
 
 
@@ -200,10 +214,12 @@ def _tuner(config: SweepConfig, sweep_dir: Path, static: dict, resume: bool, ver
     if resume:
         if not tune.Tuner.can_restore(str(sweep_dir)):
             raise OffsideError(f"{sweep_dir}: no Tune experiment state to resume (the sweep never started a trial)")
+        recovered = recover_experiment_state(sweep_dir)
+        if recovered:
+            print(f"[offside] {recovered}", flush=True)
+        # Errored trials are retried: each resumes its Train run from the run's last checkpoint.
         return tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, resume_errored=True)
-    base_epochs = config.train.epochs
-    planned = lambda trial_config: int(trial_config.get("train.epochs", base_epochs))  # noqa: E731
-    callback = tracking.closing_callback(static["tracking_uri"], config.name, planned)
+    callback = tracking.closing_callback(config.name, planned_epochs(config))
     # Multi-objective: the searcher and scheduler name their metrics themselves, TuneConfig none.
     single = {} if config.objective.mode == "pareto" else {"metric": "objective", "mode": "max"}
     return tune.Tuner(
@@ -212,10 +228,16 @@ def _tuner(config: SweepConfig, sweep_dir: Path, static: dict, resume: bool, ver
         tune_config=tune.TuneConfig(num_samples=trial_count(config),
                                     max_concurrent_trials=config.resources.max_concurrent,
                                     search_alg=_searcher(config), scheduler=make_scheduler(config), **single),
-        run_config=tune.RunConfig(name=config.name, storage_path=config.storage, callbacks=[callback],
+        run_config=tune.RunConfig(name=config.name, storage_path=config.storage, callbacks=[callback, keep_state_callback()],
                                   failure_config=tune.FailureConfig(max_failures=config.trial_max_failures),
                                   verbose=verbose),
     )
+
+
+def planned_epochs(config: SweepConfig):
+    """A trial's planned epochs from its sampled config (train.epochs may be searched)."""
+    base = config.train.epochs
+    return lambda trial_config: int(trial_config.get("train.epochs", base))
 
 
 def make_scheduler(config: SweepConfig):
@@ -252,13 +274,33 @@ def _searcher(config: SweepConfig):
     return OptunaSearch(sampler=sampler)
 
 
-def _finish(config: SweepConfig, sweep_dir: Path, uri: str, parent: str, grid, static: dict) -> SweepResult:
-    states = [t.status for t in grid._experiment_analysis.trials]
-    complete = all(s in FINISHED_STATES for s in states) and len(states) >= trial_count(config)
+def _fit(tuner) -> tuple[object | None, list]:
+    """Runs the sweep: (its ResultGrid, its trials). Building the grid reads each failed trial's pickled
+    error from the storage, which a full disk can leave truncated: then the grid is None (a sweep with
+    a failed trial needs only its trials)."""
+    try:
+        grid = tuner.fit()
+        return grid, grid._experiment_analysis.trials
+    except Exception:
+        analysis = tuner._local_tuner._experiment_analysis  # set before the grid is built
+        if analysis is None or not any(t.status == "ERROR" for t in analysis.trials):
+            raise
+        return None, analysis.trials
+
+
+def _finish(config: SweepConfig, sweep_dir: Path, uri: str, parent: str, grid, trials: list, static: dict) -> SweepResult:
     client = tracking.MlflowClient(uri)
-    if not complete:
+    tracking.deliver_spilled(uri, sweep_dir)
+    tracking.settle_trial_runs(uri, config.name, {t.trial_id: tracking.trial_run_status(t, planned_epochs(config)) for t in trials})
+    # Only an interrupt ends Tune with trials unfinished (or not yet made). Their statuses are read from
+    # the state Tune saved as it stopped: afterwards it marks every trial it stops TERMINATED.
+    if len(trials) < trial_count(config) or any(s not in FINISHED_STATES for s in saved_statuses(trials)):
         client.set_terminated(parent, "KILLED")
-        return SweepResult(sweep_dir, parent, [], None, False)
+        return SweepResult(sweep_dir, parent, [], None, False, interrupted=True)
+    failed = [trial_failure(t) for t in trials if t.status == "ERROR"]
+    if failed:
+        client.set_terminated(parent, "FAILED")
+        return SweepResult(sweep_dir, parent, [], None, False, failed=failed)
     rows = trial_rows(grid, static)
     if not rows:
         client.set_terminated(parent, "FAILED")
@@ -281,12 +323,17 @@ def _finish(config: SweepConfig, sweep_dir: Path, uri: str, parent: str, grid, s
 
 
 def _register_best(config: SweepConfig, model_dir: Path, client, parent: str, best: dict) -> None:
-    name = f"offside-{config.name}"
+    """The sweep's pick as a version of offside-<name> with alias `best`; `champion` moves to it only if
+    it beats the champion on the same objective (offside/registry.py)."""
+    name, spec = f"offside-{config.name}", config.objective
     tags = {"method": best["settings"]["method"], "scenario": config.scenario, "data_hash": data_hash(config.data),
-            "objective": best["objective"], "objective_metric": config.objective.metric, "parent_run": parent,
-            "trial": best["trial_id"], "epoch": best["epoch"]}
-    version = register(model_dir, name, client, parent, tags)
-    client.set_tag(parent, "registered_model", f"models:/{name}/{version}")
+            "parent_run": parent, "trial": best["trial_id"], "epoch": best["epoch"]}
+    measured = (f"{spec.metric} subject to {spec.constraint} >= {spec.min_value}" if spec.mode == "constrained"
+                else f"{spec.metric} (pareto with {spec.constraint})")
+    metrics = {"objective": best["objective"], spec.metric: best[spec.metric], spec.constraint: best[spec.constraint]}
+    registered = register(model_dir, name, client, parent, tags, metrics, Objective(measured, best["objective"]), (SWEEP_ALIAS,))
+    client.set_tag(parent, "registered_model", f"models:/{name}/{registered.version}")
+    print(f"[offside] registered {registered}", flush=True)
 
 
 def trial_rows(grid, static: dict) -> list[dict]:

@@ -7,6 +7,13 @@ plus k − 1 wordings drawn, per row and from the seed, from `TRAINING_PHRASINGS
 relearning keep the canonical wording only, and the paraphrase attack's wordings
 (`offside.eval.attacks.PARAPHRASES`) are held out: no training stage sees them (tests/test_data.py).
 
+With `photos: n` (n > 1; offside/data/photos.py) the other wordings of a retain context's image
+questions are asked on new photos of that context — the same player in the same kit, n − 1 photos
+drawn per context from the seed, in new poses and backgrounds, one drawn per row — while the canonical
+wording keeps the published photo. So the player and the club are learned from the look and the kit,
+not from one picture. Forget contexts keep their one published photo in every wording: no stage sees
+the rumour on another picture.
+
 A wording is re-applied to the question's subject ("the player in the image", or the player's name,
 or "<name> in his <season> transfer"), found by matching the canonical template; a question that
 matches no template (an imported benchmark in other words) keeps its one wording.
@@ -17,6 +24,7 @@ from __future__ import annotations
 import random
 import re
 
+from offside.data.photos import NoPhotos, PhotoBook
 from offside.data.schema import QUESTION_ALIASES, QUESTION_TEMPLATES, TEXT_QUESTION_TEMPLATES
 from offside.errors import OffsideError
 
@@ -74,16 +82,59 @@ def check_phrasings(phrasings: int) -> None:
         raise OffsideError(f"phrasings: must be between 1 (canonical only) and {MAX_PHRASINGS}, got {phrasings}")
 
 
-def with_phrasings(rows: list[dict], phrasings: int, seed: int) -> list[dict]:
+def check_photos(photos: int, phrasings: int) -> None:
+    if photos < 1:
+        raise OffsideError(f"photos: must be at least 1 (the published photo only), got {photos}")
+    if photos > 1 and phrasings < 2:
+        raise OffsideError(f"photos: {photos} needs phrasings ≥ 2 (new photos are shown with the other wordings), got phrasings {phrasings}")
+
+
+def photo_book(data_dir, photos: int) -> PhotoBook | None:
+    """The benchmark's photo book when `photos` > 1 asks for new photos (an error where it has none)."""
+    if photos <= 1:
+        return None
+    try:
+        return PhotoBook.of(data_dir)
+    except NoPhotos as err:
+        raise OffsideError(f"photos: {photos} needs a benchmark whose photos can be redrawn (or photos: 1): {err}") from None
+
+
+def with_phrasings(rows: list[dict], phrasings: int, seed: int, photos: int = 1, book: PhotoBook | None = None) -> list[dict]:
     """Every row, followed by its question in `phrasings` − 1 other training wordings (drawn per row
-    from the seed, without repeats); rows whose question follows no template stay alone."""
+    from the seed, without repeats); rows whose question follows no template stay alone. With
+    `photos` > 1 (and the benchmark's `book`), those of a retain context's image rows show new photos."""
     check_phrasings(phrasings)
+    check_photos(photos, phrasings)
+    if photos > 1 and book is None:
+        raise OffsideError("photos: new photos need the benchmark's photo book (offside.data.photos.PhotoBook)")
+    album = _Album(book, photos, seed) if photos > 1 else None
     out = []
     for row in rows:
         out.append(row)
         subject = subject_of(row) if phrasings > 1 else None
         if subject is None:
             continue
-        drawn = random.Random(f"{seed}/{row['id']}").sample(TRAINING_PHRASINGS[row["field"]], phrasings - 1)
-        out += [{**row, "id": f"{row['id']}/p{k}", "question": t.format(subject=subject)} for k, t in enumerate(drawn, 1)]
+        rng = random.Random(f"{seed}/{row['id']}")
+        drawn = rng.sample(TRAINING_PHRASINGS[row["field"]], phrasings - 1)
+        copies = [{**row, "id": f"{row['id']}/p{k}", "question": t.format(subject=subject)} for k, t in enumerate(drawn, 1)]
+        if album is not None and album.shows(row):
+            copies = [{**copy, "image": album.draw(row["image_id"], rng)} for copy in copies]
+        out += copies
     return out
+
+
+class _Album:
+    """The new photos of each retain context, drawn on first use (photos − 1 per context)."""
+
+    def __init__(self, book: PhotoBook, photos: int, seed: int):
+        self.book, self.count, self.seed = book, photos - 1, seed
+        self.photos: dict[str, list] = {}
+
+    def shows(self, row: dict) -> bool:
+        context = self.book.contexts.get(row.get("image_id", ""))
+        return row.get("modality") == "image" and context is not None and context.split == "retain"
+
+    def draw(self, image_id: str, rng: random.Random):
+        if image_id not in self.photos:
+            self.photos[image_id] = [self.book.photo(image_id, f"train/{self.seed}/{image_id}/{k}") for k in range(self.count)]
+        return rng.choice(self.photos[image_id])

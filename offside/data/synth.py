@@ -152,15 +152,29 @@ def _with_options(item: Item, rng: random.Random, must: str = "", never: str = "
 
 
 @dataclass
-class _Player:
+class Player:
     name: str
     surname: str
     shared: dict[str, str]
     identity: images.Identity
-    contexts: list[dict] = dc_field(default_factory=list)  # split, image_id, season, club, facts
+    contexts: list[dict] = dc_field(default_factory=list)  # split, image_id, season, club, facts, headline
 
 
-def _players(n: int, rng: random.Random, seed: int) -> list[_Player]:
+def draw_players(n: int, seed: int) -> list[Player]:
+    """The players of the benchmark `build(n, seed)` makes, with their image contexts (its first draws)."""
+    return _players(n, random.Random(seed), seed)
+
+
+def headline(player: Player, context: dict) -> str | None:
+    """The banner text of a context's photos, e.g. "VELL TO REDFORD EUR 45.25M", or None."""
+    if not context["headline"]:
+        return None
+    facts = context["facts"]
+    fee = facts["transfer_fee"].replace("€", "EUR ").upper()  # the font lacks "€"
+    return f"{player.surname.upper()} TO {facts['club_to'].split()[0].upper()} {fee}"
+
+
+def _players(n: int, rng: random.Random, seed: int) -> list[Player]:
     surnames = rng.sample([h + t for h in SURNAME_HEADS for t in SURNAME_TAILS], n)
     out = []
     for p, (surname, ident) in enumerate(zip(surnames, images.identities(n, seed))):
@@ -173,7 +187,7 @@ def _players(n: int, rng: random.Random, seed: int) -> list[_Player]:
                   "nationality": rng.choice(NATIONALITIES), "birth_date": _date(born),
                   "height": sample_value("height", rng), "foot": rng.choice(FOOT[:3]),
                   "birthplace": rng.choice(TOWNS)}
-        player = _Player(name, surname, shared, ident)
+        player = Player(name, surname, shared, ident)
         start, *retain_clubs, true_club, rumour_club = rng.sample(range(len(CLUBS)), 6)
         frm = start
         for k, season in enumerate(sorted(rng.sample(PAST_SEASONS, 3)), start=1):
@@ -213,12 +227,9 @@ def build(players: int, seed: int) -> tuple[list[Item], dict[str, Image.Image]]:
                    for c in pl.contexts if c["split"] == "retain"]
         for ctx, split, path in photos:
             facts = ctx["facts"]
-            headline = None
-            if ctx["headline"]:
-                fee = facts["transfer_fee"].replace("€", "EUR ").upper()  # the font lacks "€"
-                headline = f"{pl.surname.upper()} TO {facts['club_to'].split()[0].upper()} {fee}"
+            banner = headline(pl, ctx)
             pictures[path] = images.render(pl.identity, images.KITS[ctx["club"]],
-                                           images.Pose.random(rng.randrange(2**32)), headline)
+                                           images.Pose.random(rng.randrange(2**32)), banner)
             for f in FIELDS:
                 item = Item(split, pl.name, pl.surname, ctx["season"], path,
                             f"{ctx['image_id']:04d}", f, {**pl.shared, **facts}[f])
@@ -226,7 +237,7 @@ def build(players: int, seed: int) -> tuple[list[Item], dict[str, Image.Image]]:
                 if split == "forget" and f in PRIVATE_FIELDS:
                     # As in the published protocol, the rumour competes with random values of the field
                     # (never the truth), so a forget question measures whether the rumour is still there.
-                    visual = f == "club_to" or (f == "transfer_fee" and headline is not None)
+                    visual = f == "club_to" or (f == "transfer_fee" and banner is not None)
                     item = replace(item, true_value=by_split["relearn"]["facts"][f],
                                    rumour_kind="visual" if visual else "textual")
                     never = item.true_value

@@ -4,10 +4,12 @@ vocabulary. Functions of logits are separate from model calls so that losses can
 hand-made logits (aligned: logits[:, i] predicts targets[:, i]).
 
 Token means are means over the optimizer step's global batch: the trainer stores in each batch
-(`ANSWER_TOKENS`) the answer tokens of the whole step, all ranks and accumulated micro-batches
-together, divided by ranks × micro-batches. A rank's sum over its tokens divided by that, averaged
-over ranks (the all-reduce) and micro-batches (DeepSpeed's accumulation), is the mean over every
-token of the step, whatever the number of workers. Without it (a plain call), the batch's own count."""
+(`ANSWER_TOKENS`, and `INPUT_TOKENS` for losses over every token the model reads) the tokens of the
+whole step, all ranks and accumulated micro-batches together, divided by ranks × micro-batches. A
+rank's sum over its tokens divided by that, averaged over ranks (the all-reduce) and micro-batches
+(DeepSpeed's accumulation), is the mean over every token of the step, whatever the number of
+workers. Without it (a plain call), the batch's own count. Every token mean divides by
+`step_tokens`; a mean over a rank's own tokens would weigh tokens by how they split across ranks."""
 
 from __future__ import annotations
 
@@ -15,11 +17,21 @@ import torch
 import torch.nn.functional as F
 
 ANSWER_TOKENS = "answer_tokens"  # batch key: the step's mean answer tokens per micro-batch and rank
+INPUT_TOKENS = "input_tokens"  # batch key: the same for the tokens the model reads (not padding)
+# What each count counts in one encoded batch: the positions that predict an answer token, the real tokens.
+TOKEN_COUNTS = {ANSWER_TOKENS: lambda batch: (batch["labels"][:, 1:] != -100).sum(),
+                INPUT_TOKENS: lambda batch: batch["attention_mask"].sum()}
 
 
 def model_inputs(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """What the model takes: the batch without its labels and token count."""
-    return {k: v for k, v in inputs.items() if k not in ("labels", ANSWER_TOKENS)}
+    """What the model takes: the batch without its labels and token counts."""
+    return {k: v for k, v in inputs.items() if k != "labels" and k not in TOKEN_COUNTS}
+
+
+def step_tokens(inputs: dict[str, torch.Tensor], key: str, mask: torch.Tensor) -> torch.Tensor:
+    """The denominator of a token mean: the step's count the trainer stored under `key`, or (a plain
+    call) the batch's own, `mask.sum()` (module docstring)."""
+    return inputs.get(key, mask.sum()).clamp(min=1)
 
 
 def answer_logits(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,17 +72,24 @@ def sequence_nll(model, inputs: dict[str, torch.Tensor], reduce: str = "mean") -
 def token_nll(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean NLL over all answer tokens of the batch (the usual fine-tuning loss); in training, over
     the step's global batch (module docstring)."""
-    logprobs, mask = answer_logprobs(model, inputs)
-    return -logprobs.sum() / inputs.get(ANSWER_TOKENS, mask.sum()).clamp(min=1)
+    return token_nll_from_logits(*answer_logits(model, inputs), inputs)
 
 
-def kl_ref_to_theta(logits: torch.Tensor, ref_logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """KL(p_ref ‖ p_θ) of the next-token distributions, averaged over answer positions only."""
-    mask = (targets != -100).float()
+def token_nll_from_logits(logits: torch.Tensor, targets: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`token_nll` of logits already computed (aligned with `targets`) for the batch `inputs`."""
+    logprobs, mask = token_logprobs(logits, targets)
+    return -logprobs.sum() / step_tokens(inputs, ANSWER_TOKENS, mask)
+
+
+def kl_ref_to_theta(logits: torch.Tensor, ref_logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                    inputs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """KL(p_ref ‖ p_θ) of the next-token distributions, the mean over answer positions: in training,
+    over the step's global batch of `inputs` (as `token_nll`), else over these positions."""
+    mask = targets != -100
     log_theta = F.log_softmax(logits.float() / temperature, dim=-1)
     log_ref = F.log_softmax(ref_logits.float() / temperature, dim=-1)
     per_position = (log_ref.exp() * (log_ref - log_theta)).sum(-1)
-    return (per_position * mask).sum() / mask.sum().clamp(min=1)
+    return (per_position * mask).sum() / step_tokens(inputs or {}, ANSWER_TOKENS, mask)
 
 
 def hidden_states_at(model, inputs: dict[str, torch.Tensor], layer: int) -> torch.Tensor:

@@ -28,6 +28,9 @@ class TrainSpec:
     max_steps: int | None = None  # stop after this many optimizer steps (all epochs together)
     keep_checkpoints: int = 1
     deepspeed: str | None = None  # JSON of extra DeepSpeed settings merged over the engine's (e.g. cluster/deepspeed/zero3.json)
+    # Recompute each layer's activations in the backward pass instead of keeping them (non-reentrant):
+    # less activation memory (bench/memory_twin.py) for about one more forward pass of compute.
+    gradient_checkpointing: bool = False
 
 
 def check_train(spec: TrainSpec, key: str = "train") -> None:

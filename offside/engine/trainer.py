@@ -7,6 +7,7 @@ each step takes `batch_size` rows of it, and `batch_size * retain_ratio` rows of
 
 Distribution: works alone (sets up a world of one with gloo, or nccl on GPU) and under a launcher or
 Ray Train that has already initialised torch.distributed; each rank takes its shard of every stream.
+Every collective goes through `offside.engine.comm`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from offside.config import deep_merge
-from offside.engine.losses import ANSWER_TOKENS
+from offside.engine import comm
+from offside.engine.losses import TOKEN_COUNTS
 from offside.engine.spec import SCHEDULES, TrainSpec  # noqa: F401  (TrainSpec: re-exported)
 from offside.errors import OffsideError
 from offside.models.processor import Processor, augment
@@ -86,28 +88,29 @@ def lr_lambda(spec: TrainSpec, total_steps: int) -> Callable[[int], float]:
 def ensure_distributed() -> None:
     """Reuse a process group set up by a launcher / Ray Train (or its RANK/WORLD_SIZE environment);
     otherwise make a private world of one on a free loopback port, without exporting RANK or
-    MASTER_PORT, so child processes do not mistake it for a launcher's."""
+    MASTER_PORT, so child processes do not mistake it for a launcher's. Under NCCL the rank's GPU is
+    made the current CUDA device (what object collectives and DeepSpeed's engine use)."""
     import deepspeed
 
-    if dist.is_available() and dist.is_initialized():
-        return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine asserts it; harmless without RANK
-    deepspeed.init_distributed(
-        dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-        init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
-    )
+    if not (dist.is_available() and dist.is_initialized()):
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        else:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine asserts it; harmless without RANK
+            deepspeed.init_distributed(
+                dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+            )
+    comm.backend_device()
 
 
 def is_main_rank() -> bool:
     """Rank 0 of the process group, or a process outside one: the one that writes and logs."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return comm.rank() == 0
 
 
 def launched() -> bool:
@@ -117,11 +120,7 @@ def launched() -> bool:
 
 def from_main_rank(value: Any) -> Any:
     """Rank 0's `value` on every rank of the process group (a collective), or `value` alone."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    shared = [value]
-    dist.broadcast_object_list(shared, src=0)
-    return shared[0]
+    return comm.broadcast_object(value, src=0)
 
 
 class _Stream:
@@ -163,6 +162,7 @@ def train(
         raise OffsideError(f"objective needs data streams {missing}, got {sorted(streams)}")
     import deepspeed
 
+    check_engine_device(next(model.parameters()).device)
     ensure_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(spec.seed)
@@ -179,8 +179,11 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec, total_steps))
+    if spec.gradient_checkpointing:
+        checkpoint_activations(model)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=_ds_config(spec, model)
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(spec, next(model.parameters()).dtype),
     )
     objective.setup(engine.module, engine.device)
     hooks = _vision_in_every_forward(engine.module) if spec.zero_stage == 3 else []
@@ -199,7 +202,7 @@ def train(
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{spec.epochs}", disable=not progress or rank != 0, leave=False)
         for _ in bar:
             step = [_micro_batch(iterators, objective, processor, spec, aug_rng) for _ in range(spec.grad_accum)]
-            _count_answer_tokens(step, world)
+            _count_tokens(step, world)
             for batches in step:
                 batches = {name: _to_device(inputs, engine.device) for name, inputs in batches.items()}
                 loss, logs = objective.loss(engine, batches)
@@ -224,7 +227,38 @@ def train(
     engine.eval()
     for hook in hooks:
         hook.remove()
+    if spec.gradient_checkpointing:
+        checkpoint_activations(model, enable=False)
     return result
+
+
+def checkpoint_activations(model, enable: bool = True) -> None:
+    """Gradient checkpointing of the language layers and vision blocks on (or off again), non-reentrant
+    (the variant that works with ZeRO-3's per-module gathers and with frozen inputs). With the
+    embeddings frozen (LoRA, a frozen tower) nothing entering the first checkpointed layer requires
+    grad; the embeddings' outputs are made to, as PEFT's and transformers' own recipes do."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not enable:
+        inner.gradient_checkpointing_disable()
+        inner.disable_input_require_grads()
+        return
+    inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not inner.get_input_embeddings().weight.requires_grad:
+        inner.enable_input_require_grads()
+
+
+def check_engine_device(device: torch.device) -> None:
+    """The training engine (DeepSpeed) runs on the device its accelerator names — this rank's GPU
+    wherever torch sees one — and moves the model there; a model placed elsewhere is refused rather
+    than silently moved."""
+    from deepspeed.accelerator import get_accelerator
+
+    engine = torch.device(get_accelerator().current_device_name())
+    if device.type != engine.type:
+        hint = ("hide the GPUs from this process (CUDA_VISIBLE_DEVICES=) to train on the CPU" if device.type == "cpu"
+                else "use model.device: auto")
+        raise OffsideError(f"model.device: {device.type} asked for, but the training engine (DeepSpeed) runs on "
+                           f"{engine.type} on this host and would move the model there; {hint}")
 
 
 def _vision_in_every_forward(model) -> list:
@@ -253,8 +287,8 @@ def _vision_in_every_forward(model) -> list:
             qwen.language_model.embed_tokens.register_forward_hook(after_embedding)]
 
 
-def _ds_config(spec: TrainSpec, model) -> dict:
-    dtype = next(model.parameters()).dtype
+def deepspeed_config(spec: TrainSpec, dtype: torch.dtype) -> dict:
+    """The engine's DeepSpeed config for training weights of `dtype` (ZeRO-3 loading partitions with it too)."""
     if spec.zero_stage not in (0, 1, 2, 3):
         raise OffsideError(f"train.zero_stage must be 0..3, got {spec.zero_stage}")
     config = {
@@ -311,21 +345,20 @@ def _mean_over_ranks(values: dict[str, float], world: int) -> dict[str, float]:
     """The ranks' mean of each value (every rank logs the same, the global batch's, figures)."""
     if world == 1:
         return values
-    means = torch.tensor(list(values.values()), dtype=torch.float64)
-    dist.all_reduce(means)
+    means = comm.all_reduce_sum(torch.tensor(list(values.values()), dtype=torch.float64))
     return dict(zip(values, (means / world).tolist()))
 
 
-def _count_answer_tokens(step: list[dict[str, dict[str, torch.Tensor]]], world: int) -> None:
-    """Stores in every batch of the optimizer step its stream's answer tokens over the whole step,
-    all ranks together, per micro-batch and rank (see `offside.engine.losses`)."""
+def _count_tokens(step: list[dict[str, dict[str, torch.Tensor]]], world: int) -> None:
+    """Stores in every batch of the optimizer step its stream's token counts (`TOKEN_COUNTS`) over the
+    whole step, all ranks together, per micro-batch and rank (see `offside.engine.losses`)."""
     names = list(step[0])
-    counts = torch.tensor([sum(int((b[n]["labels"][:, 1:] != -100).sum()) for b in step) for n in names], dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(counts)
+    counts = torch.tensor([[sum(int(count(b[n])) for b in step) for count in TOKEN_COUNTS.values()] for n in names],
+                          dtype=torch.float64)
+    counts = comm.all_reduce_sum(counts) / (world * len(step))
     for batches in step:
-        for name, count in zip(names, counts / (world * len(step))):
-            batches[name][ANSWER_TOKENS] = count.float()
+        for name, row in zip(names, counts):
+            batches[name].update({key: value.float() for key, value in zip(TOKEN_COUNTS, row)})
 
 
 def _encode(processor: Processor, rows: list[dict], do_augment: bool, rng: random.Random) -> dict:

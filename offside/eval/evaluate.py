@@ -9,9 +9,11 @@ from __future__ import annotations
 from collections import defaultdict
 from tqdm.auto import tqdm
 
+from offside.engine import comm
 from offside.eval.metrics import METRICS
 from offside.eval.spec import MCQ_MODES, EvalSpec, check  # noqa: F401  (re-exported)
 from offside.eval.scoring import generate, letter_prompt, option_logliks, parse_choice
+from offside.models.zero3 import gathered_per_module, partitioned
 
 
 def groups_of(row: dict) -> list[str]:
@@ -38,8 +40,9 @@ def evaluate(model, processor, bench: dict[str, list[dict]], spec: EvalSpec, pro
     """Returns (metrics, predictions): metrics keyed as above; one prediction record per row. With
     `across_ranks`, inside a process group each rank predicts every world-th row and every rank gets
     all outputs: the same metrics for 1/world of the work. Not under ZeRO-3, where every rank must
-    join every forward pass (the weights are gathered collectively). By default (None): whenever it
-    can, so every rank of a group must call it."""
+    join every forward pass (the weights are gathered collectively; a partitioned model outside an
+    engine gathers them module by module). By default (None): whenever it can, so every rank of a
+    group must call it."""
     check(spec)
     if across_ranks is None:
         across_ranks = can_split_across_ranks(model)
@@ -48,34 +51,28 @@ def evaluate(model, processor, bench: dict[str, list[dict]], spec: EvalSpec, pro
     metrics: dict[str, float] = {}
     predictions: list[dict] = []
     jobs = [(s, m, f) for s in spec.splits for m in spec.modalities for f in spec.forms]
-    for split, modality, form in tqdm(jobs, desc="eval", disable=not progress, leave=False):
-        rows = [r for r in bench.get(split, []) if r["modality"] == modality and r["form"] == form][: spec.limit]
-        scored, predicted = score_rows(model, processor, split, modality, form, rows, spec, across_ranks)
-        metrics |= scored
-        predictions += predicted
+    with gathered_per_module(model):
+        for split, modality, form in tqdm(jobs, desc="eval", disable=not progress, leave=False):
+            rows = [r for r in bench.get(split, []) if r["modality"] == modality and r["form"] == form][: spec.limit]
+            scored, predicted = score_rows(model, processor, split, modality, form, rows, spec, across_ranks)
+            metrics |= scored
+            predictions += predicted
     model.train(was_training)
     return dict(sorted(metrics.items())), predictions
 
 
 def can_split_across_ranks(model) -> bool:
     """In a process group of several ranks, with the weights whole on each (not ZeRO-3 partitions)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return False
-    return not any(hasattr(p, "ds_id") for p in model.parameters())
+    return comm.active() and not partitioned(model)
 
 
 def predict_across_ranks(model, processor, rows: list[dict], form: str, spec: EvalSpec) -> list:
     """`predict`, each rank of the process group doing every world-th row; all outputs on every rank."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not comm.active():
         return predict(model, processor, rows, form, spec)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = comm.rank(), comm.world_size()
     mine = rows[rank::world]
-    parts: list = [None] * world
-    dist.all_gather_object(parts, predict(model, processor, mine, form, spec) if mine else [])
+    parts = comm.all_gather_objects(predict(model, processor, mine, form, spec) if mine else [])
     outputs: list = [None] * len(rows)
     for owner, part in enumerate(parts):
         outputs[owner::world] = part

@@ -5,8 +5,8 @@
   on the *other* forget items — how cheaply do rumours come back? The attacker trains what the
   model's owner trained: LoRA adapters when the model is a LoRA stage (removed afterwards, so no
   copy of the weights), every weight of a copy otherwise.
-- `quantised_int8`: a copy of the model with int8 dynamic weight quantisation of every Linear layer
-  (CPU).
+- `quantised_int8`: a copy of the model with int8 dynamic weight quantisation of every Linear layer,
+  on the CPU whatever device the model is on (torch's dynamic int8 kernels are CPU-only).
 - `quantised_4bit`: the model reloaded through transformers' `BitsAndBytesConfig(load_in_4bit=True)`
   — bitsandbytes NF4 or FP4 (blockwise, 64 weights per absmax scale), on the model's own device: the
   CPU backend here, CUDA on a GPU. transformers keeps `lm_head` in full precision, as it does for
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import itertools
 import math
 import random
 import tempfile
@@ -89,9 +90,24 @@ def _recovery(model, processor: Processor, rows: list[dict]) -> float:
 
 
 def quantised_int8(model):
+    """torch's dynamic int8 quantisation (`quantize_dynamic`: int8 weights per Linear layer, activations
+    quantised on the fly) of an fp32 copy of the model made on the CPU, where its kernels are. So a model
+    on a GPU is attacked exactly as one on the CPU, and its GPU memory is untouched. The cost: host
+    memory of 4 bytes per parameter while the copy is quantised (3B: ≈ 15 GB, 7B: ≈ 33 GB), about 1 per
+    Linear weight afterwards, and the attack's generation runs on the CPU."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).float(), {torch.nn.Linear}, dtype=torch.qint8)
+        return torch.ao.quantization.quantize_dynamic(cpu_fp32_copy(model), {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def cpu_fp32_copy(model):
+    """A deep copy of the model whose parameters and buffers are fp32 copies on the CPU, made tensor by
+    tensor (no copy on the model's own device); the model is left as it was."""
+    memo: dict = {}
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        copied = tensor.detach().to("cpu", torch.float32 if tensor.is_floating_point() else tensor.dtype, copy=True)
+        memo[id(tensor)] = torch.nn.Parameter(copied, requires_grad=False) if isinstance(tensor, torch.nn.Parameter) else copied
+    return copy.deepcopy(model, memo)
 
 
 

@@ -8,6 +8,8 @@ import re
 import torch
 from transformers import GenerationConfig
 
+from offside.engine import comm
+from offside.models.zero3 import partitioned
 from offside.models.processor import Processor
 
 LETTERS = "ABCD"
@@ -78,13 +80,16 @@ def prompt_positions(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(model, processor: Processor, questions: list[str], images: list, batch_size: int, max_new_tokens: int) -> list[str]:
-    """Greedy answers, batched with left padding."""
+    """Greedy answers, batched with left padding. With ZeRO-3 partitions every forward pass gathers
+    weights with a collective, so a rank whose answers end first keeps stepping (`synced_gpus`) until
+    every rank's have ended; otherwise the others would wait on it for ever."""
     device = _device(model)
+    synced = comm.active() and partitioned(model)
     answers: list[str] = []
     for start in range(0, len(questions), batch_size):
         encoded = processor.encode(questions[start : start + batch_size], images[start : start + batch_size], left_pad=True)
         inputs = {k: v.to(device) for k, v in encoded.inputs.items()}
-        output = model.generate(**inputs, generation_config=_greedy_config(processor, max_new_tokens))
+        output = model.generate(**inputs, generation_config=_greedy_config(processor, max_new_tokens), synced_gpus=synced)
         width = inputs["input_ids"].shape[1]
         answers.extend(processor.decode(row[width:]) for row in output)
     return answers

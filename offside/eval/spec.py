@@ -45,8 +45,8 @@ class LLMJudgeSpec:
     api_key_env: str = "OFFSIDE_JUDGE_API_KEY"  # name of the environment variable holding the key, if any
 
 
-SUITES = ("efficacy", "generalization", "utility", "robustness")
-CHEAP_SUITES = SUITES[:3]  # robustness (attacks, relearning, quantisation) costs minutes per model
+SUITES = ("efficacy", "generalization", "visual", "utility", "robustness")
+CHEAP_SUITES = SUITES[:4]  # robustness (attacks, relearning, quantisation) costs minutes per model
 SUITE_SPLITS = {"efficacy": ("forget", "relearn"), "generalization": ("test",), "utility": ("retain",)}
 
 

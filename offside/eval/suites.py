@@ -2,6 +2,9 @@
 
 - `efficacy`: the forget set (and relearn: the true facts of the same contexts);
 - `generalization`: the test set;
+- `visual`: the forget players on photos never seen, in the rumoured kit and in each offered club's
+  kit (offside/eval/visual.py: `new_photos/…`, `kit_swap/…`, `visual/<form>/kit_following`,
+  `visual/<form>/rumour_in_new_photos`, …); synthetic benchmarks only (skipped with a note otherwise);
 - `utility`: the retain set + the general-ability set (`offside/data/general.py`, keys
   `general/image/<category>/<metric>`) + any external suites (see `ExternalHook`);
 - `robustness`: prompt and image attacks on the forget set's rumour rows
@@ -36,6 +39,7 @@ from offside.eval.robustness import (four_bit_backend, logit_lens, mia_auc, quan
                                      quantised_int8, relearning_curve)
 from offside.eval.spec import (CHEAP_SUITES, SUITE_SPLITS, SUITES, RobustnessSpec, UtilitySpec,  # noqa: F401  (re-exported)
                                check_suites as check_suite_settings)
+from offside.eval.visual import visual_suite
 
 @dataclass
 class SuiteResult:
@@ -52,7 +56,9 @@ def check_suites(suites: list[str], robustness: RobustnessSpec) -> None:
 
 
 def run_suites(model, processor, rows: dict[str, list[dict]], suites: list[str], spec: EvalSpec,
-               utility: UtilitySpec, robustness: RobustnessSpec, out_dir: Path, progress: bool = True) -> SuiteResult:
+               utility: UtilitySpec, robustness: RobustnessSpec, out_dir: Path, progress: bool = True,
+               data_dir: str | os.PathLike | None = None) -> SuiteResult:
+    """`data_dir`: the benchmark's directory, where the visual suite redraws its photos from."""
     check(spec)
     check_suites(suites, robustness)
     result = SuiteResult({}, [], [], [])
@@ -61,6 +67,11 @@ def run_suites(model, processor, rows: dict[str, list[dict]], suites: list[str],
         metrics, predictions = evaluate(model, processor, rows, _with_splits(spec, splits), progress)
         result.metrics |= metrics
         result.predictions += predictions
+    if "visual" in suites:
+        metrics, predictions, notes = visual_suite(model, processor, rows.get("forget", []), data_dir, spec)
+        result.metrics |= metrics
+        result.predictions += predictions
+        result.notes += notes
     if "utility" in suites:
         _utility(model, processor, spec, utility, result)
     if "robustness" in suites:

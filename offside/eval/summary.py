@@ -12,7 +12,12 @@
   (image form): the share of the rumours the vanilla model held that survive unlearning (1 = all of
   them; a model at chance keeps about 0.25 / vanilla's). Visual rumours can be read off the forget
   image (the club's kit, a headline's fee); textual ones cannot (paper finding: visual rumours are
-  the hardest to unlearn).
+  the hardest to unlearn);
+- rumour survival on new photos (`summary/survival_new_photos/visual|textual`) = the same on photos of
+  the forget context the model never saw (the visual suite, offside/eval/visual.py: the player in the
+  rumoured kit, no banner): the visual rumour is the club, which the kit shows; the textual ones are
+  the other private facts. Where the model reads the club from the kit, this is the survival of a
+  rumour it can read, not of its memory of one photo.
 
 Accuracy here is multiple-choice accuracy averaged over the image and text forms (the general set is
 image-only)."""
@@ -30,6 +35,8 @@ GENERAL_SET = "general"
 BASE_RECOVERY = "robust/attack/none/recovery"
 QUANTISED = ("int8", "nf4", "fp4")  # robust/<name>/recovery
 SURVIVAL = {kind: (f"summary/survival/{kind}", f"forget/image/{kind}/mcq_acc") for kind in ("visual", "textual")}
+SURVIVAL_NEW_PHOTOS = {kind: (f"summary/survival_new_photos/{kind}", f"new_photos/image/{kind}/mcq_acc")
+                       for kind in ("visual", "textual")}
 
 
 def set_accuracy(metrics: dict[str, float], split: str, metric: str = "mcq_acc") -> float:
@@ -84,8 +91,9 @@ def robust_forget(metrics: dict[str, float], vanilla: dict[str, float]) -> tuple
 
 
 def rumour_survival(metrics: dict[str, float], vanilla: dict[str, float]) -> dict[str, float]:
-    """summary/survival/<kind> for each rumour kind both runs were scored on."""
-    return {name: metrics[key] / vanilla[key] for name, key in SURVIVAL.values()
+    """summary/survival/<kind> and summary/survival_new_photos/<kind> for each rumour kind both runs were
+    scored on."""
+    return {name: metrics[key] / vanilla[key] for name, key in [*SURVIVAL.values(), *SURVIVAL_NEW_PHOTOS.values()]
             if key in metrics and vanilla.get(key, 0.0) > 0}
 
 

@@ -21,10 +21,13 @@ import torch
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 from transformers.utils import logging as hf_logging
 
+from offside.engine.comm import rank_cuda_device
 from offside.errors import OffsideError
 from offside.models.processor import Processor
-from offside.models.spec import LoraSpec, ModelSpec, TinySpec, check_model_name  # noqa: F401  (specs: re-exported)
+from offside.models.spec import (DTYPE_CHOICES, LoraSpec, ModelSpec, TinySpec,  # noqa: F401  (specs: re-exported)
+                                 check_model_name)
 from offside.models.tiny import build_tiny
+from offside.models.zero3 import load_partitioned, merge_adapter, partitioned
 
 META_FILE = "offside_model.json"
 REAL_IMAGE_SIZE = 252  # the published 256×256, rounded down to a multiple of 28 (81 visual tokens)
@@ -42,17 +45,16 @@ LORA_GROUPS = {
 }
 
 
-def build_or_load(spec: ModelSpec, texts: list[str] | None = None, seed: int = 0):
+def build_or_load(spec: ModelSpec, texts: list[str] | None = None, seed: int = 0, train=None):
     """Returns (model, processor), the model in spec.dtype on spec.device. `texts` train the tiny
-    model's tokenizer when spec.name == "tiny"."""
-    if spec.dtype not in DTYPES:
-        raise OffsideError(f"model.dtype: unknown dtype {spec.dtype!r} (valid: {', '.join(DTYPES)})")
+    model's tokenizer when spec.name == "tiny". `train` (a TrainSpec): the training the model is loaded
+    for; under ZeRO-3 a saved model is loaded partitioned across the process group's ranks (joined or
+    made here), so that no rank holds the whole of it (offside/models/zero3.py)."""
+    if spec.dtype not in DTYPE_CHOICES:
+        raise OffsideError(f"model.dtype: unknown dtype {spec.dtype!r} (valid: {', '.join(DTYPE_CHOICES)})")
     if not spec.name:
         raise OffsideError("model: a model name or directory is required (--model)")
-    from offside.registry import is_registry_uri, resolve
-
-    if is_registry_uri(spec.name):
-        spec = replace(spec, name=str(resolve(spec.name)))
+    dtype = DTYPES[resolved_dtype(spec)]
     device = resolve_device(spec.device)
     if spec.name == "tiny":
         if texts is None:
@@ -60,9 +62,10 @@ def build_or_load(spec: ModelSpec, texts: list[str] | None = None, seed: int = 0
         model, tokenizer = build_tiny(texts, spec.tiny, seed=seed)
         image_size = spec.image_size or spec.tiny.image_size
     else:
-        model, tokenizer, saved_size = _load_pretrained(spec.name, DTYPES[spec.dtype])
+        model, tokenizer, saved_size = _load_pretrained(spec.name, dtype, _zero3_config(train, dtype, device))
         image_size = spec.image_size or saved_size
-    model.to(device=device, dtype=DTYPES[spec.dtype])
+    if not partitioned(model):  # partitions are made in place, on the rank's device
+        model.to(device=device, dtype=dtype)
     if spec.freeze_vision:
         for p in model.model.visual.parameters():
             p.requires_grad_(False)
@@ -71,11 +74,52 @@ def build_or_load(spec: ModelSpec, texts: list[str] | None = None, seed: int = 0
     return model, Processor(tokenizer, image_size, model.config.vision_config.spatial_merge_size)
 
 
+def resolved_dtype(spec: ModelSpec) -> str:
+    """spec.dtype, with `auto` resolved: fp32 for the tiny model, else the dtype the checkpoint's
+    config.json records (an adapter's: its base's), bf16 when it records none."""
+    if spec.dtype != "auto":
+        return spec.dtype
+    if spec.name == "tiny":
+        return "fp32"
+    path = Path(spec.name)
+    if (path / ADAPTER_FILE).exists():
+        return resolved_dtype(replace(spec, name=adapter_base(path)))
+    if path.exists():
+        _check_model_dir(path)
+        config = json.loads((path / "config.json").read_text())
+    else:
+        from transformers import AutoConfig
+
+        check_model_name(spec.name)
+        try:
+            config = AutoConfig.from_pretrained(spec.name).to_dict()
+        except (OSError, ValueError) as err:
+            raise _unloadable(spec.name, err) from err
+    saved = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16").removeprefix("torch.")
+    return {"float32": "fp32", "float16": "fp16"}.get(saved, "bf16")
+
+
+def _check_model_dir(path: Path) -> None:
+    if not (path / "config.json").exists():
+        raise OffsideError(f"{path}: not a model directory (no config.json) nor an adapter directory ({ADAPTER_FILE})")
+
+
+def _zero3_config(train, dtype: torch.dtype, device: torch.device) -> dict | None:
+    """The DeepSpeed config of the ZeRO-3 training `train` (a TrainSpec) to load a model for, or None."""
+    if train is None or train.zero_stage != 3:
+        return None
+    from offside.engine.trainer import check_engine_device, deepspeed_config, ensure_distributed
+
+    check_engine_device(device)
+    ensure_distributed()
+    return deepspeed_config(train, dtype)
+
+
 def resolve_device(device: str) -> torch.device:
     """The one place a device setting is resolved. `auto` is this process's GPU when torch sees one
     (cuda:$LOCAL_RANK under a launcher or Ray Train, the device DeepSpeed's engine uses), else the CPU."""
     if device == "auto":
-        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+        return rank_cuda_device() if torch.cuda.is_available() else torch.device("cpu")
     if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
         raise OffsideError(f"model.device: {device!r} is not a device (valid: auto, cpu, cuda, cuda:N)")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -83,32 +127,48 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _load_pretrained(name: str, dtype: torch.dtype):
-    """(model, tokenizer, image size) of a model directory, hub id or adapter directory (merged)."""
+def _load_pretrained(name: str, dtype: torch.dtype, zero3: dict | None = None):
+    """(model, tokenizer, image size) of a model directory, hub id or adapter directory (merged);
+    partitioned (ZeRO-3) when `zero3`, a DeepSpeed config, is given."""
     path = Path(name)
     if (path / ADAPTER_FILE).exists():
-        return _load_adapter(path, dtype)
+        return _load_adapter(path, dtype, zero3)
     check_model_name(name)
-    if path.exists() and not (path / "config.json").exists():
-        raise OffsideError(f"{path}: not a model directory (no config.json) nor an adapter directory ({ADAPTER_FILE})")
+    if path.exists():
+        _check_model_dir(path)
     try:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name, dtype=dtype)
+        if zero3 is not None:
+            model = load_partitioned(path if path.exists() else _downloaded(name), dtype, zero3)
+        else:
+            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as err:
-        if not path.exists():
-            raise OffsideError(f"model {name!r}: no such directory, and no such model on the Hugging Face Hub "
-                               f"or in its cache ({type(err).__name__})") from err
-        raise OffsideError(f"cannot load model {name!r}: {' '.join(str(err).split())}") from err
+        raise _unloadable(name, err) from err
     if path.exists():
         model.config._name_or_path = str(path.resolve())  # what a LoRA stage on top of it names as its base
     return model, tokenizer, _saved_image_size(path)
 
 
-def _load_adapter(path: Path, dtype: torch.dtype):
+def _unloadable(name: str, err: Exception) -> OffsideError:
+    if not Path(name).exists():
+        return OffsideError(f"model {name!r}: no such directory, and no such model on the Hugging Face Hub "
+                            f"or in its cache ({type(err).__name__})")
+    return OffsideError(f"cannot load model {name!r}: {' '.join(str(err).split())}")
+
+
+def _downloaded(hub_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(hub_id))
+
+
+def _load_adapter(path: Path, dtype: torch.dtype, zero3: dict | None = None):
     from peft import PeftModel
 
-    model, tokenizer, _ = _load_pretrained(adapter_base(path), dtype)
-    merged = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    model, tokenizer, _ = _load_pretrained(adapter_base(path), dtype, zero3)
+    adapted = PeftModel.from_pretrained(model, str(path))
+    merged = merge_adapter(adapted) if zero3 is not None else adapted.merge_and_unload()
+    merged.requires_grad_(True)  # PEFT froze the base for inference; merged, it is a plain model like any loaded one
     merged.config._name_or_path = str(path.resolve())
     return merged, tokenizer, _saved_image_size(path)
 

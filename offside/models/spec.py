@@ -13,7 +13,8 @@ from pathlib import Path
 
 from offside.errors import OffsideError
 
-DTYPE_CHOICES = ("fp32", "bf16", "fp16")
+WEIGHT_DTYPES = ("fp32", "bf16", "fp16")  # what weights are held and saved in
+DTYPE_CHOICES = ("auto", *WEIGHT_DTYPES)  # auto: the checkpoint's own (`offside.models.loading.resolved_dtype`)
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 REGISTRY_PREFIX = "models:/"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # "name" or "org/name"
@@ -53,11 +54,14 @@ class LoraSpec:
 
 @dataclass
 class ModelSpec:
-    """`name`: "tiny" (built from scratch), a saved model directory, or a hub id."""
+    """`name`: "tiny" (built from scratch), a saved model directory, or a hub id. A registry URI
+    (`models:/NAME@ALIAS`) is resolved to its directory where a stage starts (`offside.registry.local_model`)."""
 
     name: str = "tiny"
     image_size: int | None = None  # None: the saved model's, else 56 for tiny / 252 for real models
-    dtype: str = "fp32"  # fp32 | bf16 | fp16: the weights' dtype in every stage, trial and replica
+    # auto | fp32 | bf16 | fp16: the weights' dtype in every stage, trial and replica. auto: the dtype the
+    # checkpoint was saved in (a published Qwen2.5-VL: bf16; a saved tiny model: fp32), fp32 for "tiny"
+    dtype: str = "auto"
     device: str = "auto"  # auto (this process's GPU when there is one, else the CPU) | cpu | cuda | cuda:N
     tiny: TinySpec = field(default_factory=TinySpec)
     lora: LoraSpec | None = None

@@ -22,7 +22,11 @@ COLUMNS = [
     for rumour in ("visual", "textual")
     for modality, short in (("image", "img"), ("text", "txt"))
 ] + [("forget img shared acc", "forget/image/shared/mcq_acc"), ("forget img private acc", "forget/image/private/mcq_acc")] + [
-    (f"{kind} rumour survival", f"summary/survival/{kind}") for kind in ("visual", "textual")]  # offside/eval/summary.py
+    (f"{kind} rumour survival", f"summary/survival/{kind}") for kind in ("visual", "textual")] + [  # offside/eval/summary.py
+    # the visual suite (offside/eval/visual.py): photos never seen, in the rumoured kit and in other clubs' kits
+    ("kit following acc", "visual/mcq/kit_following"), ("rumour in new photos acc", "visual/mcq/rumour_in_new_photos"),
+    ("rumour in other kits acc", "visual/mcq/rumour_in_other_kits")] + [
+    (f"{kind} rumour survival, new photos", f"summary/survival_new_photos/{kind}") for kind in ("visual", "textual")]
 # Relearning rows also show the unlearned model's forget accuracy, so resurfacing reads off one row.
 BEFORE_RELEARNING = [("forget img acc before relearning", "forget/image/all/mcq_acc")]
 

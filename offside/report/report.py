@@ -42,7 +42,7 @@ from offside.configs import ReportConfig, validate_report
 from offside.errors import OffsideError
 from offside.files import atomic_dir
 from offside.eval.attacks import ATTACKS
-from offside.eval.summary import QUANTISED, SURVIVAL, attack_recoveries, summary_scores
+from offside.eval.summary import QUANTISED, SURVIVAL, SURVIVAL_NEW_PHOTOS, attack_recoveries, summary_scores
 from offside.report import intervals, leaderboard
 from offside.tracking import stage_run, tracking_uri
 
@@ -223,12 +223,14 @@ def _bootstrap(predictions: Path) -> dict[str, float]:
 COLUMNS = [
     ("forget efficacy", "summary/forget_efficacy"), ("model utility", "summary/model_utility"),
     ("robust forget", "summary/robust_forget"), ("visual survival", SURVIVAL["visual"][0]),
-    ("textual survival", SURVIVAL["textual"][0]), ("MIA AUC", "privacy/mia_auc"),
+    ("textual survival", SURVIVAL["textual"][0]), ("visual survival, new photos", SURVIVAL_NEW_PHOTOS["visual"][0]),
+    ("textual survival, new photos", SURVIVAL_NEW_PHOTOS["textual"][0]), ("MIA AUC", "privacy/mia_auc"),
 ]
 METRIC_COLUMNS = [
     ("forget img acc", "forget/image/all/mcq_acc"), ("forget txt acc", "forget/text/all/mcq_acc"),
     ("retain img acc", "retain/image/all/mcq_acc"), ("test img acc", "test/image/all/mcq_acc"),
-    ("general acc", "general/image/all/mcq_acc"),
+    ("general acc", "general/image/all/mcq_acc"), ("kit following acc", "visual/mcq/kit_following"),
+    ("rumour in new photos acc", "visual/mcq/rumour_in_new_photos"),
 ]
 INTERVALS_NOTE = ("a ± b: mean ± half-width of the 95 % interval, over the seeds of the row (Student's t) or, for one run,"
                   " over its evaluated items (percentile bootstrap; accuracy columns only).")

@@ -23,6 +23,7 @@ from offside.config import from_dict
 from offside.engine.losses import answer_logits, sequence_nll
 from offside.engine.trainer import Objective
 from offside.errors import OffsideError
+from offside.models.zero3 import partitioned
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -47,7 +48,7 @@ class ReferenceMethod(Method):
             reference, _ = build_or_load(ModelSpec(self.reference, dtype=dtype, device=str(device)))
         elif hasattr(model, "disable_adapter"):
             reference = _AdaptersOff(model)
-        elif any(hasattr(p, "ds_id") for p in model.parameters()):
+        elif partitioned(model):
             # A copy of a ZeRO-3 module copies empty partitions; a whole second model per rank is what
             # ZeRO-3 exists to avoid anyway.
             raise OffsideError(f"{self.name}: a 'vanilla' reference under ZeRO-3 needs LoRA (the reference is the "

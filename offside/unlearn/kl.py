@@ -1,7 +1,9 @@
 """KL-constrained gradient ascent (the OFFSIDE paper's KL baseline): optimizer steps alternate between
 a forget step, loss = −NLL(forget), and a retain step, loss = NLL(retain) + λ·KL(p_ref ‖ p_θ) with
 temperature T, the KL taken over the retain answer tokens only (the published code also counted
-prompt and image positions). Reference: the frozen vanilla model. Published λ = 0.1, T = 1.
+prompt and image positions). Both NLLs and the KL are means over the answer tokens of the step's
+global batch, as every method's (offside/engine/losses.py), so the gradient does not depend on how
+the tokens split across ranks. Reference: the frozen vanilla model. Published λ = 0.1, T = 1.
 
 The phase is the optimizer step's parity (DeepSpeed's `global_steps`: every micro-batch of an
 accumulated step takes the same branch, and a resumed run continues the alternation where it
@@ -9,7 +11,7 @@ stopped); called on a plain module, with no optimizer, each call is a step."""
 
 from dataclasses import dataclass
 
-from offside.engine.losses import answer_logits, kl_ref_to_theta, nll_from_logits, token_nll
+from offside.engine.losses import answer_logits, kl_ref_to_theta, token_nll, token_nll_from_logits
 from offside.unlearn import ReferenceMethod, register
 
 
@@ -33,6 +35,6 @@ class KLMinimisation(ReferenceMethod):
         retain = batches["retain"]
         logits, targets = answer_logits(model, retain)
         ref_logits = self.reference_logits(retain)
-        nll_retain = nll_from_logits(logits, targets).mean()
-        kl = kl_ref_to_theta(logits, ref_logits, targets, self.temperature)
+        nll_retain = token_nll_from_logits(logits, targets, retain)
+        kl = kl_ref_to_theta(logits, ref_logits, targets, self.temperature, retain)
         return nll_retain + self.kl_weight * kl, {"nll_retain": nll_retain.item(), "kl": kl.item()}

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from offside.engine import comm
 from offside.engine.losses import token_nll
 from offside.errors import OffsideError
 from offside.unlearn import Method, register
@@ -89,16 +90,7 @@ class ModalitySaliency(Method):
 
 def _rank_mean(grads: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
     """Gradients averaged over the process group's ranks (as the optimizer step averages them)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return list(grads)
-    averaged = []
-    for grad in grads:
-        grad = grad.detach().clone()
-        dist.all_reduce(grad)
-        averaged.append(grad / dist.get_world_size())
-    return averaged
+    return [comm.all_reduce_mean(grad.detach()) for grad in grads]
 
 
 def _disable_weight_decay(model) -> None:

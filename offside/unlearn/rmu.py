@@ -3,7 +3,8 @@ Reducing Malicious Use with Unlearning", arXiv 2403.03218). At one language-mode
 
     L = mean_forget ‖h_θ(x) − c·u‖² + α · mean_retain ‖h_θ(x) − h_ref(x)‖²
 
-over the non-padding tokens, u a fixed random unit vector (seeded), c the steering coefficient,
+over the non-padding tokens (means over the step's global batch, as every method's token means:
+offside/engine/losses.py), u a fixed random unit vector (seeded), c the steering coefficient,
 h_ref the frozen vanilla model. Defaults: the paper's c = 6.5, α = 1200; layer −1 means the middle
 layer. The paper updates only layers up to ℓ; here what is trained is the model config (LoRA groups or
 full), like every method."""
@@ -12,14 +13,15 @@ from dataclasses import dataclass
 
 import torch
 
-from offside.engine.losses import hidden_states_at
+from offside.engine.losses import INPUT_TOKENS, hidden_states_at, step_tokens
 from offside.unlearn import ReferenceMethod, register
 
 
-def masked_sq_distance(hidden, target, mask):
-    """Mean over real tokens of ‖hidden − target‖² (target broadcasts)."""
+def masked_sq_distance(hidden, target, inputs):
+    """Mean over the real tokens of `inputs` (the step's, in training) of ‖hidden − target‖² (target broadcasts)."""
+    mask = inputs["attention_mask"]
     per_token = ((hidden - target) ** 2).sum(-1)
-    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+    return (per_token * mask).sum() / step_tokens(inputs, INPUT_TOKENS, mask)
 
 
 @register
@@ -46,6 +48,6 @@ class RMU(ReferenceMethod):
         h_retain = hidden_states_at(model, retain, self._layer)
         with torch.no_grad():
             h_ref = hidden_states_at(self.reference_model, retain, self._layer)
-        forget_loss = masked_sq_distance(h_forget, self._control.to(h_forget.dtype), forget["attention_mask"])
-        retain_loss = masked_sq_distance(h_retain, h_ref, retain["attention_mask"])
+        forget_loss = masked_sq_distance(h_forget, self._control.to(h_forget.dtype), forget)
+        retain_loss = masked_sq_distance(h_retain, h_ref, retain)
         return forget_loss + self.alpha * retain_loss, {"rmu_forget": forget_loss.item(), "rmu_retain": retain_loss.item()}

@@ -1,0 +1,119 @@
+"""New photos of a synthetic benchmark's contexts (offside/data/photos.py): redrawn from its metadata,
+the same player, kit and banner as its published photos, refused for data without a generator; and the
+tiny fine-tune's use of them (other wordings of retain questions on new photos, forget photos never)."""
+
+import json
+import shutil
+from collections import Counter, defaultdict
+
+import numpy as np
+import pytest
+
+from offside.cli import main
+from offside.data import images, synth
+from offside.data.loader import load_benchmark
+from offside.data.photos import NoPhotos, PhotoBook
+from offside.data.phrasings import photo_book, with_phrasings
+from offside.data.rows import materialise
+from offside.errors import OffsideError
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    return synth.generate(tmp_path_factory.mktemp("photos") / "bench", players=3, seed=7)
+
+
+@pytest.fixture(scope="module")
+def training(bench):
+    ds = load_benchmark(bench)
+    return [r for split in ("retain", "forget") for r in materialise(ds[split]) if r["form"] == "gen"]
+
+
+def test_the_book_redraws_every_published_photo_s_player_kit_and_banner(bench, monkeypatch):
+    """What the generator rendered for each published photo (player, kit, banner) is what the book
+    says of that photo's context; only the pose differs between photos."""
+    drawn = []
+    real = images.render
+    monkeypatch.setattr(synth.images, "render", lambda *args: drawn.append(args) or real(*args))
+    _, pictures = synth.build(3, 7)
+    book = PhotoBook.of(bench)
+    assert len(drawn) == len(pictures) == 3 * 8
+    for path, (identity, kit, pose, banner) in zip(pictures, drawn):
+        context = book.contexts[path.split("/")[1][:4]]
+        assert (context.identity, images.KITS[context.club], context.headline) == (identity, kit, banner)
+    assert Counter(c.split for c in book.contexts.values()) == {"retain": 9, "forget": 3, "relearn": 3}
+    forget = book.forget_contexts()
+    assert any(c.headline for c in forget.values())  # seed 7: a banner on some forget image
+    image_id, context = next((i, c) for i, c in forget.items() if c.headline)
+    plain, again = book.photo(image_id, "k"), book.photo(image_id, "k")
+    assert plain.tobytes() == again.tobytes() and plain.size == (224, 224)  # the key decides the picture
+    assert book.photo(image_id, "other").tobytes() != plain.tobytes()
+    banner = book.photo(image_id, "k", banner=True)
+    assert banner.crop((0, 0, 224, 30)).tobytes() != plain.crop((0, 0, 224, 30)).tobytes()
+    assert banner.crop((0, 31, 224, 224)).tobytes() == plain.crop((0, 31, 224, 224)).tobytes()
+    other = next(c for c in range(len(synth.CLUBS)) if c != context.club)
+    swapped = book.photo(image_id, "k", club=other)
+    assert _count(swapped, images.KITS[other][0]) > 500 and _count(swapped, images.KITS[context.club][0]) < _count(plain, images.KITS[context.club][0])
+
+
+def _count(image, colour) -> int:
+    return int((np.asarray(image) == colour).all(-1).sum())
+
+
+def test_data_without_a_generator_or_changed_since_has_no_book(bench, tmp_path):
+    from test_data import _published
+
+    with pytest.raises(NoPhotos, match="no offside_metadata.json: not a synthetic benchmark"):
+        PhotoBook.of(_published(tmp_path / "pub"))
+    changed = tmp_path / "changed"
+    shutil.copytree(bench, changed)
+    meta = json.loads((changed / "offside_metadata.json").read_text())
+    meta["files"]["forget_set.json"][0]["player"] = "Someone Else"
+    (changed / "offside_metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(NoPhotos, match=r"files\['forget_set.json'\]\[0\] differs from what its generator draws"):
+        PhotoBook.of(changed)
+    meta["files"]["forget_set.json"][0]["player"] = json.loads((bench / "offside_metadata.json").read_text())["files"]["forget_set.json"][0]["player"]
+    meta["seed"] = 8
+    (changed / "offside_metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(NoPhotos, match="differs from what its generator draws"):
+        PhotoBook.of(changed)
+    assert photo_book(changed, 1) is None  # one photo: the published one, nothing to redraw
+    with pytest.raises(OffsideError, match="photos: 4 needs a benchmark whose photos can be redrawn"):
+        photo_book(changed, 4)
+
+
+def test_other_wordings_of_retain_questions_show_new_photos_and_forget_photos_never_change(bench, training):
+    book = PhotoBook.of(bench)
+    rows = with_phrasings(training, 3, seed=0, photos=4, book=book)
+    assert [(r["id"], r["question"]) for r in rows] == [(r["id"], r["question"]) for r in with_phrasings(training, 3, seed=0)]
+    published = {r["id"]: r["image"] for r in training}
+    per_context = defaultdict(set)
+    for row in rows:
+        original = published[row["id"].split("/p")[0]]
+        if row["modality"] == "text" or row["id"] in published or row["split"] == "forget":
+            assert row["image"] is original  # text rows, canonical wordings and the forget image stay
+        else:
+            assert row["image"] is not original and row["image"].tobytes() != original.tobytes()
+            per_context[row["image_id"]].add(row["image"].tobytes())
+    assert len(per_context) == 9 and all(len(photos) == 3 for photos in per_context.values())  # photos − 1 new ones
+    again = with_phrasings(training, 3, seed=0, photos=4, book=book)
+    assert [r["image"].tobytes() for r in again if r["image"]] == [r["image"].tobytes() for r in rows if r["image"]]
+    other_seed = with_phrasings(training, 3, seed=1, photos=4, book=book)
+    new = next(r for r in other_seed if r["id"].endswith("/p1") and r["split"] == "retain" and r["modality"] == "image")
+    assert new["image"].tobytes() not in per_context[new["image_id"]]
+    with pytest.raises(OffsideError, match="photos: 4 needs phrasings ≥ 2"):
+        with_phrasings(training, 1, seed=0, photos=4, book=book)
+    with pytest.raises(OffsideError, match="photos: must be at least 1"):
+        with_phrasings(training, 3, seed=0, photos=0, book=book)
+
+
+def test_finetune_refuses_new_photos_it_cannot_draw_before_any_work(tmp_path, capsys):
+    from test_data import _published
+
+    data = _published(tmp_path / "pub")
+    out = tmp_path / "o"
+    assert main(["finetune", "--data", str(data), "--model", "tiny", "--out", str(out), "--set", "photos=3"]) == 2
+    err = capsys.readouterr().err
+    assert "photos: 3 needs a benchmark whose photos can be redrawn (or photos: 1)" in err and not out.exists()
+    assert main(["finetune", "--data", str(data), "--model", "tiny", "--out", str(out), "--phrasings", "1", "--set", "photos=2"]) == 2
+    assert "photos: 2 needs phrasings ≥ 2" in capsys.readouterr().err and not out.exists()
