@@ -41,8 +41,8 @@ def load_benchmark(data: str | os.PathLike):
 def finetune(data: str | os.PathLike, out: str | os.PathLike, model: str = "tiny", *, config: str | None = None,
              overrides: dict[str, Any] | None = None, progress: bool = True, **flags):
     """Fine-tunes the vanilla model (`offside finetune`): it learns the facts and the rumours. `flags`:
-    split, epochs, lr, seed, phrasings, photos, dtype, device. The tiny model trains with the tiny recipe wherever
-    nothing else is set, as on the command line."""
+    split, epochs, lr, seed, phrasings, photos, dtype, device. The tiny model trains with the tiny recipe
+    wherever nothing else is set, as on the command line."""
     return _stage("finetune", {"data": data, "out": out, "model": model, **flags}, config, overrides, progress)
 
 
@@ -110,14 +110,15 @@ def findings(matrix: list[dict], attacks: list[dict] | None = None) -> dict:
 
 
 def export(model: str | os.PathLike, out: str | os.PathLike, dtype: str = "fp32") -> Path:
-    """Merges a LoRA stage's adapter into its base model (`offside export`): a plain model directory."""
+    """Merges a LoRA stage's adapter into its base model (`offside export`): a plain model directory.
+    `model`: an adapter or model directory, or a registry URI `models:/NAME@ALIAS`."""
     from offside.files import check_out
-    from offside.models.spec import DTYPE_CHOICES, check_model_name
+    from offside.models.spec import WEIGHT_DTYPES, check_model_name
 
     check_model_name(str(model))
     check_out(out)
-    if dtype not in DTYPE_CHOICES:
-        raise OffsideError(f"dtype: unknown dtype {dtype!r} (valid: {', '.join(DTYPE_CHOICES)})")
+    if dtype not in WEIGHT_DTYPES:
+        raise OffsideError(f"dtype: unknown dtype {dtype!r} (valid: {', '.join(WEIGHT_DTYPES)})")
     from offside.stages import export_merged
 
     return export_merged(str(model), str(out), dtype)
