@@ -332,7 +332,7 @@ def test_the_html_defines_its_columns_and_states_the_findings_the_runs_allow(tmp
     page = (make_report(ReportConfig(runs=[str(vanilla), *map(str, runs)], out=str(tmp_path / "r"))) / "report.html").read_text()
     assert "<h2>Columns</h2>" in page and all(f"<dt>{name}</dt>" in page for name in COLUMN_DEFINITIONS)
     across = f"+0.250 ± {12.706 * 0.05:.3f}"  # mean of +0.3 and +0.2, Student's t over 2 seeds
-    assert f"<td>1 unimodal fails on the image form</td><td>{across}</td><td>undecided</td><td>ga {across}</td>" in page
+    assert f"<td>1 unimodal fails on the image form</td><td>{across}</td><td>undecided</td><td>ga {across} (undecided)</td>" in page
     assert "2 visual rumours" in page and "5 prompt attacks recover rumours: few_shot" in page
     alone = (make_report(ReportConfig(runs=[str(vanilla), *map(str, runs[:2])], out=str(tmp_path / "s"))) / "report.html").read_text()
     assert "<h2>Findings</h2>" in alone and "1 unimodal fails" not in alone and "2 visual rumours" in alone

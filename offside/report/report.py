@@ -449,7 +449,7 @@ def findings_html(rows: list[Row]) -> str:
         return ("<h2>Findings</h2><p>The paper's findings are differences with 95 % intervals over training seeds: "
                 "report runs of at least two seeds to see them (offside matrix --seeds 3, offside quickstart --seeds 2).</p>")
     table = render(findings(matrix, matrix), len(matrix[0]["runs"])).strip().splitlines()
-    lines = [line for line in table if line.startswith("|")][2:]
+    lines = [line for line in table if line.startswith("|") and "not measured" not in line][2:]  # what these runs state
     if not lines:
         return ""
     cells = ["".join(f"<td>{html.escape(c.strip())}</td>" for c in line.strip("|").split("|")) for line in lines]
