@@ -25,6 +25,7 @@ def vanilla_metrics(work: Path, players: int) -> dict[str, float]:
     """The quickstart's vanilla row: same data, recipe and evaluation as `offside quickstart`."""
     from offside.data.synth import generate
     from offside.eval.evaluate import EvalSpec
+    from offside.eval.spec import CHEAP_SUITES
     from offside.models.loading import ModelSpec
     from offside.recipes import TINY_PHRASINGS, tiny_vanilla
     from offside.stages import EvalConfig, FinetuneConfig, evaluate_model, finetune
@@ -32,7 +33,8 @@ def vanilla_metrics(work: Path, players: int) -> dict[str, float]:
     data = generate(work / "data", players=players, seed=0)
     vanilla = finetune(FinetuneConfig(data=str(data), out=str(work / "vanilla"), model=ModelSpec("tiny"),
                                       train=tiny_vanilla(TINY_PHRASINGS), phrasings=TINY_PHRASINGS), progress=False)
-    result = evaluate_model(EvalConfig(data=str(data), out=str(work / "eval"), model=ModelSpec(str(vanilla.run_dir)), eval=EvalSpec()), progress=False)
+    result = evaluate_model(EvalConfig(data=str(data), out=str(work / "eval"), model=ModelSpec(str(vanilla.run_dir)), eval=EvalSpec(),
+                                           suites=list(CHEAP_SUITES)), progress=False)
     return {name: result.metrics[key] for name, key in KEYS.items()}
 
 

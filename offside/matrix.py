@@ -13,49 +13,22 @@ from __future__ import annotations
 import json
 import time
 import traceback
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from offside.config import deep_merge, from_dict
+from offside.configs import MatrixConfig  # noqa: F401  (re-exported)
+from offside.configs import validate as validate_config
 from offside.data.loader import load_benchmark
-from offside.data.scenarios import SCENARIOS
 from offside.engine.trainer import TrainSpec
 from offside.errors import OffsideError
-from offside.eval.evaluate import EvalSpec, check
 from offside.eval.sanity import untrained, vanilla_check, warn
-from offside.eval.suites import CHEAP_SUITES, RobustnessSpec, check_suites
+from offside.eval.suites import check_suites
 from offside.eval.summary import rumour_survival
-from offside.models.loading import LoraSpec, ModelSpec, build_or_load
-from offside.recipes import PUBLISHED_RELEARN, PUBLISHED_UNLEARN
+from offside.models.loading import build_or_load
 from offside.report import leaderboard
-from offside.stages import EvalConfig, UnlearnConfig, check_out, evaluate_model, unlearn
+from offside.stages import EvalConfig, UnlearnConfig, evaluate_model, unlearn
 from offside.unlearn import available, get_method
-
-
-@dataclass
-class MatrixConfig:
-    data: str = ""
-    model: str = ""  # the vanilla model directory
-    dtype: str = "fp32"  # model.dtype and model.device of every cell (offside/models/loading.py)
-    device: str = "auto"
-    out: str = ""
-    methods: list[str] = field(default_factory=list)  # empty: every registered method
-    scenarios: list[str] = field(default_factory=lambda: list(SCENARIOS))
-    train: TrainSpec = field(default_factory=lambda: replace(PUBLISHED_UNLEARN))
-    relearn: TrainSpec = field(default_factory=lambda: replace(PUBLISHED_RELEARN))
-    method_args: dict = field(default_factory=dict)  # {method: {hyperparameter: value}}
-    method_train: dict = field(default_factory=dict)  # {method: {train key: value}} on top of `train`
-    lora: LoraSpec | None = None
-    freeze_vision: bool = True
-    forget_fraction: float = 1.0
-    eval: EvalSpec = field(default_factory=EvalSpec)
-    allow_untrained: bool = False  # run even when the vanilla model has not learned the benchmark
-    suites: list[str] = field(default_factory=lambda: list(CHEAP_SUITES))  # every cell's (and vanilla's) evaluation
-    robustness: RobustnessSpec = field(default_factory=RobustnessSpec)
-    seeds: int = 1  # each cell runs with train.seed 0..seeds-1 (data order, LoRA init); rows: mean ± 95 % interval
-
-    def model_spec(self, name: str, **settings) -> ModelSpec:
-        return ModelSpec(name, dtype=self.dtype, device=self.device, **settings)
 
 
 @dataclass
@@ -66,6 +39,7 @@ class Vanilla:
 
 def validate(config: MatrixConfig) -> list[str]:
     """Everything that can be checked before any training: methods, their arguments, scenarios."""
+    validate_config(config)
     methods = config.methods or available()
     for section in ("method_args", "method_train"):
         unknown = sorted(set(getattr(config, section)) - set(available()))
@@ -74,15 +48,7 @@ def validate(config: MatrixConfig) -> list[str]:
     for method in methods:
         get_method(method, config.method_args.get(method, {}), f"method_args.{method}")
         train_spec(config, method)
-    unknown = [s for s in config.scenarios if s not in SCENARIOS]
-    if unknown:
-        raise OffsideError(f"unknown scenario(s) {unknown} (valid: {', '.join(SCENARIOS)})")
-    check(config.eval)
-    check_suites(config.suites, config.robustness)
-    if config.seeds < 1:
-        raise OffsideError(f"seeds must be ≥ 1, got {config.seeds}")
-    if not config.model:
-        raise OffsideError("matrix: the vanilla model directory is required (--model)")
+    check_suites(config.suites, config.robustness)  # attack names, against the registry
     return methods
 
 
@@ -93,8 +59,11 @@ def train_spec(config: MatrixConfig, method: str) -> TrainSpec:
 
 
 def run_matrix(config: MatrixConfig, progress: bool = True) -> list[dict]:
+    """Runs every method × scenario of `config` from its vanilla model (after checking the vanilla model
+    has learned the benchmark), evaluates each, and rewrites DIR/leaderboard.md and DIR/results.json as
+    rows finish; returns the rows (the first is the vanilla model's own evaluation)."""
     methods = validate(config)
-    out = check_out(config.out)
+    out = Path(config.out)
     checked = check_vanilla(config)
     out.mkdir(parents=True, exist_ok=True)
     (out / "vanilla_check.json").write_text(json.dumps(checked, indent=2) + "\n")
@@ -112,7 +81,7 @@ def run_matrix(config: MatrixConfig, progress: bool = True) -> list[dict]:
             leaderboard.write(rows, out)
             status = f"failed: {row['error']}" if "error" in row else "done"
             print(f"[offside] matrix {method} × {scenario}: {status} ({row['wall_time_s']}s)", flush=True)
-    print(leaderboard.render(rows))
+    print(leaderboard.render_compact(rows, f"{out / 'results.json'}, {out / 'leaderboard.md'}"))
     return rows
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, replace
 
-from offside.engine.trainer import TrainSpec
+from offside.engine.spec import TrainSpec
 from offside.errors import OffsideError
 
 PUBLISHED_UNLEARN = TrainSpec(epochs=3, lr=5e-5, batch_size=4, warmup_ratio=0.05, schedule="cosine", weight_decay=0.01)
@@ -53,15 +53,6 @@ def tiny_vanilla(phrasings: int = TINY_PHRASINGS, seed: int = 0) -> TrainSpec:
     """TINY_VANILLA for a fine-tune whose questions come in `phrasings` wordings (each epoch that many
     times longer): its epochs divided by them, so the optimizer takes about as many steps."""
     return replace(TINY_VANILLA, epochs=math.ceil(TINY_VANILLA.epochs / phrasings), seed=seed)
-
-
-def finetune_recipe(model: str, phrasings: int = TINY_PHRASINGS) -> dict:
-    """Config keys a fine-tune of `model` starts from: the tiny model is trained from scratch and
-    learns nothing in FinetuneConfig's published 3 epochs at lr 5e-5 (train loss 3.7 on the quickstart
-    benchmark), so it gets the tiny recipe for its phrasings; a real checkpoint keeps the published
-    defaults (its data as given: one wording). Neither draws new photos (`photos: 1`): on the tiny
-    model they did not teach the club from the kit (docs: the visual-reading suite)."""
-    return {"phrasings": phrasings, "train": asdict(tiny_vanilla(phrasings))} if model == "tiny" else {}
 
 
 def recipe_config(name: str) -> dict:

@@ -9,112 +9,55 @@ rank returns rank 0's result. Ranks on several nodes need the output directory o
 from __future__ import annotations
 
 import json
-import os
 import platform
 import shutil
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
 
 from offside import __version__
 from offside.config import to_dict
+from offside.configs import (FINETUNE_SPLITS, EvalConfig, FinetuneConfig, RelearnConfig,  # noqa: F401  (configs: re-exported)
+                             UnlearnConfig, resolved, validate)
 from offside.data.loader import data_hash, load_benchmark
-from offside.data.phrasings import check_photos, check_phrasings, photo_book, with_phrasings
+from offside.data.phrasings import photo_book, with_phrasings
 from offside.data.rows import materialise
 from offside.data.scenarios import forget_share, select
 from offside.data.schema import MODALITIES
 from offside.engine.finetune import FineTune
 from offside.engine.trainer import TrainSpec, ensure_distributed, from_main_rank, is_main_rank, launched, train
 from offside.errors import OffsideError
+from offside.files import atomic_dir, check_out
 from offside.eval.evaluate import EvalSpec, check, evaluate
 from offside.eval.sanity import checked
-from offside.eval.suites import CHEAP_SUITES, RobustnessSpec, UtilitySpec, check_suites, run_suites
+from offside.eval.suites import check_suites, run_suites
 from offside.models.loading import (ModelSpec, adapter_lora, build_or_load, gathered_for_save, resolve_device, resolved_dtype,
                                    save)
 from offside.provenance import git_sha, model_provenance
-from offside.recipes import PUBLISHED_RELEARN
 from offside.registry import LocalModel, local_model
 from offside.tracking import Run, stage_run, tracking_uri
 from offside.unlearn import get_method
 
-FINETUNE_SPLITS = {"retain+forget": ("retain", "forget"), "retain": ("retain",), "relearn": ("relearn",)}
-
-
-@dataclass
-class FinetuneConfig:
-    data: str = ""
-    out: str = ""
-    model: ModelSpec = field(default_factory=ModelSpec)
-    train: TrainSpec = field(default_factory=TrainSpec)
-    split: str = "retain+forget"  # the vanilla model; "retain" makes the retain-only reference model
-    modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
-    epoch_eval: EvalSpec | None = None  # evaluate at every epoch end (logged to MLflow)
-    # each training question in this many wordings: the canonical one + drawn others (offside/data/phrasings.py)
-    phrasings: int = 1
-    # photos of each retain context: the published one + photos − 1 new ones, shown with the other wordings
-    # (synthetic benchmarks only; offside/data/photos.py)
-    photos: int = 1
-
-
-@dataclass
-class UnlearnConfig:
-    data: str = ""
-    out: str = ""
-    model: ModelSpec = field(default_factory=lambda: ModelSpec(name="", freeze_vision=True))
-    method: str = "ga"
-    method_args: dict = field(default_factory=dict)
-    scenario: str = "complete"
-    forget_fraction: float = 1.0  # unlearn the forget data of this share of the players
-    train: TrainSpec = field(default_factory=TrainSpec)
-    relearn: TrainSpec = field(default_factory=lambda: replace(PUBLISHED_RELEARN))  # scenario "relearning" only
-    modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
-    epoch_eval: EvalSpec | None = None
-
-
-@dataclass
-class RelearnConfig:
-    """Corrective relearning: fine-tune an unlearned model on the relearn set (the true facts), then
-    evaluate every split (does the rumour resurface? is the truth learned?)."""
-
-    data: str = ""
-    out: str = ""
-    model: ModelSpec = field(default_factory=lambda: ModelSpec(name="", freeze_vision=True))
-    train: TrainSpec = field(default_factory=lambda: replace(PUBLISHED_RELEARN))
-    modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
-    epoch_eval: EvalSpec | None = None
-    eval: EvalSpec = field(default_factory=EvalSpec)
-
-
-@dataclass
-class EvalConfig:
-    data: str = ""
-    out: str = ""
-    model: ModelSpec = field(default_factory=lambda: ModelSpec(name=""))
-    eval: EvalSpec = field(default_factory=EvalSpec)
-    # `offside eval` runs all four (offside/eval/suites.py); robustness (attacks, relearning) is opt-in here
-    suites: list[str] = field(default_factory=lambda: list(CHEAP_SUITES))
-    utility: UtilitySpec = field(default_factory=UtilitySpec)
-    robustness: RobustnessSpec = field(default_factory=RobustnessSpec)
-
 
 @dataclass
 class StageResult:
+    """What a stage returns: its directory (absolute), its MLflow run id and its final metrics."""
+
     run_dir: Path
     run_id: str
     metrics: dict[str, float]
 
 
 def finetune(config: FinetuneConfig, progress: bool = True) -> StageResult:
-    check_out(config.out)
-    if config.split not in FINETUNE_SPLITS:
-        raise OffsideError(f"split: unknown {config.split!r} (valid: {', '.join(FINETUNE_SPLITS)})")
-    check_phrasings(config.phrasings)
-    check_photos(config.photos, config.phrasings)
-    config, models = _started(config)
+    """Fine-tunes `config.model` on `config.split` (default retain+forget: the vanilla model, which
+    learns the facts and the rumours) and saves it to `config.out`. An unset `train` is the model's
+    recipe (the tiny recipe for `tiny`). The vanilla model is checked for having learned the benchmark
+    (manifest.json `vanilla_check`; a warning when it has not)."""
+    validate(config)
+    config, models = _started(resolved(config))
     bench = load_benchmark(config.data)
     book = photo_book(config.data, config.photos)
     rows = [r for split in FINETUNE_SPLITS[config.split] for r in materialise(bench[split])]
@@ -136,8 +79,11 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> StageResult:
 
 
 def unlearn(config: UnlearnConfig, progress: bool = True, vanilla_check: dict | None = None) -> StageResult:
-    """`vanilla_check`: the check of config.model when the caller has made it already (the matrix)."""
-    check_out(config.out)
+    """Unlearns `config.method` in `config.scenario` from the vanilla model `config.model` and saves the
+    unlearned model (for scenario `relearning`: the unlearned one under `out/unlearned`, the relearned
+    one in `out`). `vanilla_check`: the check of config.model when the caller has made it already (the
+    matrix)."""
+    validate(config)
     get_method(config.method, config.method_args)  # a bad method or argument fails before any download
     config, models = _started(config)
     method = get_method(config.method, models.method_args(config.method_args))
@@ -164,8 +110,9 @@ def unlearn(config: UnlearnConfig, progress: bool = True, vanilla_check: dict | 
 
 
 def relearn(config: RelearnConfig, progress: bool = True) -> StageResult:
-    check_out(config.out)
-    check(config.eval)
+    """Corrective relearning: fine-tunes an unlearned model on the relearn set (the true transfers),
+    saves it, and evaluates every split (predictions.jsonl)."""
+    validate(config)
     config, models = _started(config)
     bench = load_benchmark(config.data)
     model, processor = build_or_load(models.spec(config.model), seed=config.train.seed, train=config.train)
@@ -181,9 +128,10 @@ def relearn(config: RelearnConfig, progress: bool = True) -> StageResult:
 
 
 def evaluate_model(config: EvalConfig, progress: bool = True) -> StageResult:
-    check_out(config.out)
-    check(config.eval)
-    check_suites(config.suites, config.robustness)
+    """Evaluates `config.model` with `config.suites` (default all five) and writes metrics.json,
+    predictions.jsonl (and attacks.jsonl, notes.txt for the robustness suite) to `config.out`."""
+    validate(config)
+    check_suites(config.suites, config.robustness)  # attack names, against the registry
     config, models = _started(config)
     bench = load_benchmark(config.data)
     model, processor = build_or_load(models.spec(config.model))
@@ -250,6 +198,8 @@ def _fit_and_save(out: Path, run: Run, model, processor, objective, streams, spe
     the final epoch's summary. Every rank returns once the model is saved (so it may be reloaded)."""
     out.mkdir(parents=True, exist_ok=True)
     callbacks = [lambda epoch, _model, logs: run.log_metrics(logs, step=step_offset + epoch)]
+    if progress and is_main_rank():
+        callbacks.append(lambda epoch, _model, logs: _epoch_line(epoch, spec.epochs, logs))
     if config.epoch_eval is not None:
         check(config.epoch_eval)
         eval_rows = {s: materialise(bench[s]) for s in config.epoch_eval.splits}
@@ -264,6 +214,13 @@ def _fit_and_save(out: Path, run: Run, model, processor, objective, streams, spe
     final = result.history[-1] if result.history else {}
     # Per-epoch values are already logged at their epoch; the summary gets its own names.
     return {f"final/{k}": v for k, v in final.items() if isinstance(v, (int, float))} | {"steps": result.steps}
+
+
+def _epoch_line(epoch: int, epochs: int, logs: dict) -> None:
+    """One line per finished epoch, kept on screen (the epoch's progress bar is not)."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"  epoch {epoch}/{epochs}: loss {logs.get('train/loss', float('nan')):.4f} (step {logs.get('step', 0)})")
 
 
 def run_stage(stage: str, config, models: StageModels, tags: dict[str, str], body: Callable[[Path, Run], dict],
@@ -301,24 +258,6 @@ class _NoRun:
         pass
 
 
-@contextmanager
-def atomic_dir(out: Path):
-    """Yields a hidden temp directory beside `out`, renamed to `out` when the block succeeds and
-    removed when it fails, so a reader never sees a half-written run."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 @dataclass(frozen=True)
 class StageModels:
     """The models a stage names, resolved once at its start (`_started`): what everything after loads."""
@@ -353,16 +292,6 @@ def _started(config):
         return config, StageModels(model)
     reference = local_model(reference, store)
     return replace(config, method_args=config.method_args | {"reference": reference.name}), StageModels(model, reference)
-
-
-def check_out(out: str) -> Path:
-    """Fails before any work if the stage's output directory is missing or already used."""
-    if not out:
-        raise OffsideError("an output directory is required (--out)")
-    path = Path(out)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise OffsideError(f"{path}: already exists; a stage never overwrites another run's directory")
-    return path
 
 
 def _manifest(stage: str, config, models: StageModels, started: float, run_id: str) -> dict:

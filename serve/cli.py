@@ -10,8 +10,8 @@ def add_commands(sub) -> None:
     p.add_argument("--config", help="a serve config (serve/config.yaml: its application's args) or a plain args YAML")
     p.add_argument("--data", help="benchmark directory (enables image_id and /v1/attacks)")
     p.add_argument("--token-file", help="file with the API bearer token ($OFFSIDE_API_TOKEN wins)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback by default)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. max_models_per_replica=8")
     p.set_defaults(func=cmd_serve)
 
@@ -40,10 +40,14 @@ def serve_args(args) -> dict:
 def cmd_serve(args) -> None:
     import time
 
+    from serve.settings import load_settings
+
+    settings = serve_args(args)
+    load_settings(settings)  # every setting and model directory is checked before Ray is imported
     from serve.local import logs_dir, start, stop
 
     try:  # Ctrl-C is a clean stop at any point, also while Serve is still starting
-        url = start(serve_args(args), args.port, args.host)
+        url = start(settings, args.port, args.host)
         print(f"[offside] serving on {url} (OpenAPI: {url}/docs); logs in {logs_dir()}/serve; Ctrl-C stops", flush=True)
         while True:
             time.sleep(3600)

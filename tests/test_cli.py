@@ -2,9 +2,11 @@
 non-zero with one line naming the problem and leaves no output directory behind."""
 
 import json
+import re
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -50,11 +52,20 @@ def test_finetune_writes_stage_directory_and_mlflow_run(vanilla):
 
 
 def test_unlearn_then_eval_through_cli(data, vanilla, capsys):
+    """Each stage ends with a short summary (headline numbers, its files, its MLflow run), prints a line
+    per finished epoch, and the robustness suite a line per attack; every metric is in metrics.json."""
     out = vanilla.parent
+    capsys.readouterr()
     assert main(["unlearn", "--method", "gd", "--scenario", "selective", "--data", str(data), "--model", str(vanilla),
                  "--out", str(out / "gd"), "--set", "train.max_steps=2", "--set", "train.batch_size=4"]) == 0
     assert main(["eval", "--data", str(data), "--model", str(out / "gd"), "--out", str(out / "eval-gd"),
                  "--set", "eval.limit=8", "--set", "eval.max_new_tokens=4"]) == 0
+    printed = capsys.readouterr().out
+    assert "  epoch 1/3: loss " in printed and "[offside] unlearn done in" in printed
+    assert "[offside] eval done in" in printed and f"{out / 'eval-gd'}" in printed and "forget img acc " in printed
+    assert "  robustness: attack 1/" in printed and "robustness: relearning attack" in printed
+    assert "files: attacks.jsonl, config.yaml, manifest.json, metrics.json" in printed and "mlflow ui --backend-store-uri" in printed
+    assert '"metrics"' not in printed and len(printed.splitlines()) < 80
     metrics = json.loads((out / "eval-gd" / "metrics.json").read_text())
     run_id = json.loads((out / "eval-gd" / "manifest.json").read_text())["mlflow_run_id"]
     logged = MlflowClient(f"sqlite:///{out / 'mlflow.db'}").get_run(run_id).data.metrics
@@ -67,11 +78,12 @@ def test_finetune_of_tiny_starts_from_the_tiny_recipe(tmp_path, data, monkeypatc
     --config and --set win over it; a real checkpoint keeps the published defaults. Configs only: the
     stage itself is replaced."""
     import offside.stages
+    from offside.configs import resolved
     from offside.engine.trainer import TrainSpec
     from offside.recipes import TINY_VANILLA
 
     seen = []
-    monkeypatch.setattr(offside.stages, "finetune", lambda config: seen.append(config) or offside.stages.StageResult(tmp_path, "", {}))
+    monkeypatch.setattr(offside.stages, "finetune", lambda config: seen.append(resolved(config)) or offside.stages.StageResult(tmp_path, "", {}))
     file = tmp_path / "c.yaml"
     file.write_text("train:\n  batch_size: 4\n")
     stage = ["finetune", "--data", str(data), "--out", str(tmp_path / "o")]
@@ -97,7 +109,7 @@ def test_unknown_config_key(tmp_path, data, capsys):
 
 def test_unknown_method(tmp_path, data, vanilla, capsys):
     code = main(["unlearn", "--method", "forgetall", "--data", str(data), "--model", str(vanilla), "--out", str(tmp_path / "o")])
-    assert code == 2 and "unknown method 'forgetall'" in _error_line(capsys)
+    assert code == 2 and "argument --method: invalid choice: 'forgetall'" in _error_line(capsys)
     assert not (tmp_path / "o").exists()
 
 
@@ -146,7 +158,7 @@ def test_console_script_exit_code_and_stats(data):
     assert counts["forget"]["image"]["gen"]["all"] == 2 * 14 and counts["test"]["text"]["mcq"]["all"] == 2 * 42
     bad = subprocess.run([sys.executable, "-m", "offside.cli", "unlearn", "--method", "nope", "--data", str(data),
                           "--model", "x", "--out", "y"], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "unknown method" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "invalid choice: 'nope'" in bad.stderr
 
 
 def test_published_format_directory_loads_and_evaluates(tmp_path, vanilla):
@@ -174,3 +186,148 @@ def test_lora_unlearning_saves_its_adapter_and_export_merges_it(data, vanilla, t
     assert set(merged) == set(base)  # plain weights: no lora_A/lora_B left
     changed = {k for k in base if not (merged[k] == base[k]).all()}
     assert changed and all("q_proj" in k or "v_proj" in k for k in changed)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN_DATA, GOLDEN_MODEL = ROOT / "tests/golden/data", ROOT / "tests/golden/model"
+HEAVY = ("torch", "ray", "deepspeed", "transformers")
+# Runs main() on each argument list in one fresh interpreter; reports exit codes, stderr, and which
+# heavy libraries ended up imported.
+CHECK_SCRIPT = """
+import contextlib, io, json, sys
+from offside.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(argv)
+    results.append([code, err.getvalue()])
+print(json.dumps({"results": results, "imported": sorted(m for m in %r if m in sys.modules)}))
+""" % (HEAVY,)
+
+
+def _check(cases: list[list[str]], cwd: Path) -> dict:
+    done = subprocess.run([sys.executable, "-c", CHECK_SCRIPT, json.dumps(cases)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_argument_and_config_errors_come_before_any_heavy_import(tmp_path):
+    """Each mistake: exit status 2, one line naming it, nothing written, and torch, Ray, DeepSpeed and
+    transformers never imported (one fresh interpreter runs them all)."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: 1\n  learnin_rate: 0.1\n")
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "keep.txt").write_text("mine")
+    new = str(tmp_path / "new")
+    data, model = str(GOLDEN_DATA), str(GOLDEN_MODEL)
+    cases = {
+        "an output directory is required (--out)": ["finetune", "--data", data],
+        "argument --method: invalid choice: 'forgetall'": ["unlearn", "--method", "forgetall", "--data", data, "--model", model, "--out", new],
+        "bad.yaml: unknown key 'train.learnin_rate'": ["finetune", "--config", str(bad), "--data", data, "--out", new],
+        "model: ./no/such/model: no such directory": ["eval", "--data", data, "--model", "./no/such/model", "--out", new],
+        "suites: unknown ['speed']": ["eval", "--data", data, "--model", model, "--out", new, "--suite", "efficacy,speed"],
+        "benchmark directory not found": ["eval", "--data", str(tmp_path / "nodata"), "--model", model, "--out", new],
+        "already exists": ["unlearn", "--data", data, "--model", model, "--out", str(used)],
+        "--set 'train.epochs': expected key.path=value": ["finetune", "--data", data, "--out", new, "--set", "train.epochs"],
+        "train.schedule: unknown schedule 'warp'": ["finetune", "--data", data, "--out", new, "--set", "train.schedule=warp"],
+        "argument --phrasings: invalid choice: 9": ["finetune", "--data", data, "--out", new, "--phrasings", "9"],
+        "unknown scenario 'partial'": ["matrix", "--data", data, "--model", model, "--out", new, "--scenarios", "complete,partial"],
+        "used: already exists": ["quickstart", "--out", str(used)],
+        "not an eval run directory": ["report", "--runs", str(tmp_path), "--out", new],
+        "/no/such/adapter: no such directory": ["export", "--model", "/no/such/adapter", "--out", new],
+        "nodata: benchmark directory not found": ["data", "stats", str(tmp_path / "nodata")],
+        "--config is required": ["tune"],
+        "the following arguments are required: --out": ["data", "synth"],
+    }
+    checked = _check(list(cases.values()), tmp_path)
+    for (expected, argv), (code, err) in zip(cases.items(), checked["results"]):
+        assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err, (argv, code, err)
+    assert checked["imported"] == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml", "used"] and (used / "keep.txt").read_text() == "mine"
+
+
+def test_serve_checks_its_settings_before_ray_starts(tmp_path):
+    cases = {"models.a: ": ["serve", "--models", f"a={tmp_path / 'missing'}"],
+             "unknown key 'max_batch'": ["serve", "--models", f"a={GOLDEN_MODEL}", "--set", "max_batch=4"]}
+    checked = _check(list(cases.values()), tmp_path)
+    for (expected, argv), (code, err) in zip(cases.items(), checked["results"]):
+        assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err, (argv, code, err)
+    assert "ray" not in checked["imported"]  # Ray never started (torch may load: the settings check model directories)
+
+
+def test_version_help_and_python_m_offside():
+    version = subprocess.run([sys.executable, "-m", "offside", "--version"], capture_output=True, text=True, timeout=120)
+    assert version.returncode == 0 and version.stdout.strip() == "offside 0.1.0"
+    helped = subprocess.run([sys.executable, "-m", "offside", "eval", "--help"], capture_output=True, text=True, timeout=120)
+    text = " ".join(helped.stdout.split())
+    assert helped.returncode == 0 and "--mcq-mode {loglik,generate}" in text and "(default: loglik; config key eval.mcq_mode)" in text
+
+
+def test_every_flag_has_help_and_closed_sets_have_choices():
+    import argparse
+
+    from offside.cli import build_parser
+
+    closed = {"method", "scenario", "mcq_mode", "split", "dtype", "phrasings", "recipe"}
+    seen = set()
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    walk(child, f"{path} {name}")
+            elif action.option_strings and action.dest != "help":
+                assert action.help and action.help.strip(), f"{path} {action.option_strings}: no help"
+                if action.dest in closed:
+                    seen.add(action.dest)
+                    assert action.choices, f"{path} {action.option_strings}: a closed set without choices"
+                if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in action.help:
+                    text = parser.format_help()
+                    assert f"(default: {action.default})" in " ".join(text.split()), f"{path} {action.option_strings}"
+
+    walk(build_parser(), "offside")
+    assert seen == closed
+
+
+def test_a_closed_output_pipe_ends_quietly():
+    """`offside data stats DIR | head`: the reader goes away before the command writes."""
+    proc = subprocess.Popen([sys.executable, "-m", "offside", "data", "stats", str(GOLDEN_DATA)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 141 and err.decode() == ""
+
+
+def test_python_defaults_are_the_command_lines():
+    """`EvalConfig()` runs the suites `offside eval` runs; `FinetuneConfig()` of the tiny model trains with
+    the tiny recipe as `offside finetune` does; `import offside` is light and exposes the stages."""
+    from offside.configs import EvalConfig, FinetuneConfig, build, resolved
+    from offside.eval.spec import SUITES
+    from offside.models.spec import ModelSpec
+    from offside.recipes import TINY_PHRASINGS, tiny_vanilla
+
+    assert EvalConfig().suites == build(EvalConfig, None, {"data": "d"}).suites == list(SUITES)
+    python, command_line = resolved(FinetuneConfig()), resolved(build(FinetuneConfig, None, {"data": "d", "out": "o"}))
+    assert python.train == command_line.train == tiny_vanilla(TINY_PHRASINGS) and python.phrasings == command_line.phrasings == 3
+    assert resolved(build(FinetuneConfig, None, {"train": {"epochs": 2}})).train.lr == tiny_vanilla().lr
+    assert resolved(FinetuneConfig(model=ModelSpec("some/checkpoint"))).train.epochs == 3  # the published recipe
+    light = subprocess.run([sys.executable, "-c", "import json, sys, offside; print(json.dumps([all(callable(getattr(offside, n)) "
+                            "for n in offside.API), sorted(m for m in %r if m in sys.modules)]))" % (HEAVY,)],
+                           capture_output=True, text=True, timeout=120)
+    assert json.loads(light.stdout) == [True, []], light.stderr
+
+
+def test_a_missing_model_directory_is_no_such_directory(tmp_path, monkeypatch):
+    """A relative name that could be a hub id and is no directory, and a path that cannot be a hub id:
+    both say "no such directory" (not the hub's repo-id message)."""
+    from offside.errors import OffsideError
+    from offside.models.loading import ModelSpec, build_or_load
+
+    monkeypatch.chdir(tmp_path)
+    for name, message in (("runs/missing", "model 'runs/missing': no such directory, and no such model on the Hugging Face Hub"),
+                          (str(tmp_path / "a" / "b"), f"model: {tmp_path / 'a' / 'b'}: no such directory")):
+        with pytest.raises(OffsideError, match=re.escape(message)):
+            build_or_load(ModelSpec(name))

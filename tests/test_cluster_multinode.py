@@ -2,7 +2,11 @@
 processes with different resources, a real `mlflow server` on loopback running MLflow's basic-auth
 app, and the tiny sweep (tune_jobs/configs/tiny.yaml) submitted with `offside submit --wait`, the
 MLflow credentials forwarded from the submitting shell. Checks that the job SUCCEEDED, that trials
-ran on both nodes, and that the sweep's runs and its registered best model are in the server."""
+ran on both nodes, and that the sweep's runs and its registered best model are in the server.
+
+The submission is the local-cluster form of docs/how-to/cluster.md: the sweep config's relative
+`runs/quickstart/...` and `runs/tune` paths (runs/ is not uploaded) reach a local runs directory
+through `--env OFFSIDE_RUNS_DIR=...`."""
 
 import json
 import os
@@ -17,7 +21,6 @@ from cluster.local import LocalCluster, _end_group
 from conftest import MLFLOW_ADMIN, start_mlflow
 
 ROOT = Path(__file__).resolve().parents[1]
-SWEEP = ROOT / "tune_jobs/configs/tiny.yaml"
 ZERO2 = ROOT / "cluster/deepspeed/zero2.json"
 
 
@@ -39,7 +42,8 @@ def tiny_benchmark(root: Path) -> tuple[Path, Path]:
 
 @pytest.mark.slow
 def test_tiny_sweep_runs_on_both_nodes_of_a_real_cluster_and_lands_in_mlflow(tmp_path):
-    data, vanilla = tiny_benchmark(tmp_path)
+    runs = tmp_path / "runs"  # what `offside quickstart --out runs/quickstart` leaves, where tiny.yaml looks
+    tiny_benchmark(runs / "quickstart")
     mlflow_proc, mlflow_uri = start_mlflow(tmp_path, auth=True)
     credentials = {"MLFLOW_TRACKING_USERNAME": MLFLOW_ADMIN[0], "MLFLOW_TRACKING_PASSWORD": MLFLOW_ADMIN[1]}
     cluster = LocalCluster()
@@ -55,14 +59,14 @@ def test_tiny_sweep_runs_on_both_nodes_of_a_real_cluster_and_lands_in_mlflow(tmp
 
         proc = subprocess.run(
             [sys.executable, "-m", "offside.cli", "submit", "--address", cluster.address, "--env", f"MLFLOW_TRACKING_URI={mlflow_uri}",
-             "--wait", "--", "tune", "--config", str(SWEEP), "--address", "auto",
-             "--set", "name=multinode", "--set", f"storage={tmp_path / 'tune'}", "--set", f"data={data}",
-             "--set", f"vanilla={vanilla}", "--set", "num_samples=2", "--set", "train.epochs=1",
+             "--env", f"OFFSIDE_RUNS_DIR={runs}", "--wait", "--", "tune", "--config", "tune_jobs/configs/tiny.yaml",
+             "--address", "auto", "--set", "name=multinode", "--set", "num_samples=2", "--set", "train.epochs=1",
              "--set", "train.zero_stage=2", "--set", f"train.deepspeed={ZERO2}", "--set", "epoch_eval.limit=8"],
             capture_output=True, text=True, cwd=ROOT, env={**cluster.env(), **credentials}, timeout=1500)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
         job_id = proc.stdout.splitlines()[0]
         assert f"job {job_id} SUCCEEDED" in proc.stdout
+        assert (runs / "tune" / "multinode" / "best.yaml").is_file()  # storage: runs/tune, through the link
 
         trial_nodes = trial_actor_nodes(cluster, job_id)
         assert set(trial_nodes) == set(nodes), trial_nodes  # trials ran on both nodes

@@ -301,3 +301,40 @@ def test_rumour_survival_plot_is_drawn_and_embedded(tmp_path):
     embedded = [src for src in parser.sources if src == "data:image/png;base64," + base64.b64encode(
         (out / "rumour_survival.png").read_bytes()).decode()]
     assert len(embedded) == 1 and 'alt="rumour_survival"' in (out / "report.html").read_text()
+
+
+def test_attack_heatmap_says_not_run_without_the_robustness_suite(tmp_path):
+    """No robustness results: the heat-map says so instead of drawing an empty grid that reads as recovery 0."""
+    from offside.report.report import collect, plot_attacks
+
+    model, _ = _vanilla(tmp_path)
+    vanilla = _eval(tmp_path, "eval-plain", model, _metrics(1.0, 0.9, {}, {}), "rp")
+    rows = collect(ReportConfig(runs=[str(vanilla)], out=str(tmp_path / "r")))
+    (axes, *_) = plot_attacks(rows).axes
+    assert not axes.images and any(t.get_text().startswith("not run") for t in axes.texts)
+    (drawn, *_) = plot_attacks(collect(ReportConfig(runs=[str(_vanilla(tmp_path, "v2")[1])], out=str(tmp_path / "s")))).axes
+    assert drawn.images and not any("not run" in t.get_text() for t in drawn.texts)
+
+
+def test_the_html_defines_its_columns_and_states_the_findings_the_runs_allow(tmp_path):
+    """GA in two scenarios over two seeds allows findings 1, 2 and 5 (the unimodal − complete gap
+    per seed: +0.3, +0.2); one scenario alone allows 2 and 5; one seed each, only a note. The page
+    defines every score column."""
+    from offside.report.report import COLUMN_DEFINITIONS
+
+    model, vanilla = _vanilla(tmp_path)
+    runs = []
+    for scenario, forgets in (("complete", (0.4, 0.5)), ("unimodal", (0.7, 0.7))):
+        for seed, forget in enumerate(forgets):
+            ga = _model(tmp_path, f"ga-{scenario}-seed{seed}", "unlearn", "ga", scenario, seed=seed, base=model)
+            runs.append(_eval(tmp_path, f"eval-ga-{scenario}-seed{seed}", ga, _metrics(
+                forget, 0.7, {"none": 0.3, "few_shot": 0.4 + 0.1 * seed}, {}, visual=0.5, textual=0.3), f"r{scenario}{seed}"))
+    page = (make_report(ReportConfig(runs=[str(vanilla), *map(str, runs)], out=str(tmp_path / "r"))) / "report.html").read_text()
+    assert "<h2>Columns</h2>" in page and all(f"<dt>{name}</dt>" in page for name in COLUMN_DEFINITIONS)
+    across = f"+0.250 ± {12.706 * 0.05:.3f}"  # mean of +0.3 and +0.2, Student's t over 2 seeds
+    assert f"<td>1 unimodal fails on the image form</td><td>{across}</td><td>undecided</td><td>ga {across} (undecided)</td>" in page
+    assert "2 visual rumours" in page and "5 prompt attacks recover rumours: few_shot" in page
+    alone = (make_report(ReportConfig(runs=[str(vanilla), *map(str, runs[:2])], out=str(tmp_path / "s"))) / "report.html").read_text()
+    assert "<h2>Findings</h2>" in alone and "1 unimodal fails" not in alone and "2 visual rumours" in alone
+    one = (make_report(ReportConfig(runs=[str(vanilla), str(runs[0])], out=str(tmp_path / "t"))) / "report.html").read_text()
+    assert "report runs of at least two seeds" in one and "2 visual rumours" not in one

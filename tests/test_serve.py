@@ -106,7 +106,7 @@ def test_adapters_differ_and_match_offside_eval(server, models):
     spec = EvalSpec(splits=["forget"], modalities=["image"], limit=4, max_new_tokens=12)
     # a1 through the `offside eval` stage on the adapter directory, a2 through the evaluator on its export.
     out = root / "eval-a1"
-    evaluate_model(EvalConfig(data=str(data), out=str(out), model=ModelSpec(str(root / "a1")), eval=spec), progress=False)
+    evaluate_model(EvalConfig(data=str(data), out=str(out), model=ModelSpec(str(root / "a1")), eval=spec, suites=["efficacy"]), progress=False)
     outputs = {"a1": [json.loads(line) for line in (out / "predictions.jsonl").open()]}
     model, processor = build_or_load(ModelSpec(str(root / "a2-merged")))
     outputs["a2"] = evaluate(model, processor, {"forget": materialise(load_benchmark(data)["forget"])}, spec, progress=False)[1]

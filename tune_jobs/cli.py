@@ -18,15 +18,23 @@ def add_commands(sub) -> None:
     p.set_defaults(func=cmd_tune)
 
     quick = sub.add_parser("quickstart", help="synthetic data → vanilla → GA, GD (a local sweep) → eval → leaderboard")
-    quick.add_argument("--out", required=True)
-    quick.add_argument("--players", type=int, default=12)
+    quick.add_argument("--out", required=True, metavar="DIR", help="new directory for everything the quickstart writes")
+    quick.add_argument("--players", type=int, default=12, help="players in the synthetic benchmark")
     quick.add_argument("--seed", type=int, default=0, help="the synthetic benchmark's seed")
     quick.add_argument("--seeds", type=int, default=1, help="training seeds: N vanilla models, each unlearned; mean ± 95 %% interval")
-    quick.add_argument("--phrasings", type=int, default=3, help="wordings per training question of the vanilla model (1-4)")
+    quick.add_argument("--phrasings", type=int, default=3, choices=range(1, 5), help="wordings per training question of the vanilla model")
     quick.set_defaults(func=cmd_quickstart)
 
 
 def cmd_quickstart(args) -> None:
+    from offside.data.phrasings import check_phrasings
+    from offside.errors import OffsideError
+    from offside.files import check_out
+
+    check_out(args.out)  # the arguments are checked before torch, DeepSpeed and Ray load
+    check_phrasings(args.phrasings)
+    if args.seeds < 1 or args.players < 1:
+        raise OffsideError(f"--seeds and --players must be ≥ 1, got {args.seeds} and {args.players}")
     from tune_jobs.quickstart import quickstart
 
     quickstart(args.out, players=args.players, seed=args.seed, seeds=args.seeds, phrasings=args.phrasings)
@@ -37,12 +45,13 @@ def cmd_tune(args) -> None:
     SIGTERM: Tune stops its trials and saves its state); 2 bad input."""
     from offside.cli import _overrides
     from offside.errors import OffsideError
+
+    if not args.config and not args.resume:  # before the heavy imports below
+        raise OffsideError("--config is required (or --resume PATH to continue a sweep)")
     from tune_jobs.outcome import advice, error_line, is_transient
     from tune_jobs.spec import load_sweep
     from tune_jobs.sweep import run_sweep
 
-    if not args.config and not args.resume:
-        raise OffsideError("--config is required (or --resume PATH to continue a sweep)")
     config = load_sweep(args.config, _overrides(args, {})) if args.config and not args.resume else None
     signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))  # a stop is an interrupt: state saved
     try:

@@ -19,10 +19,14 @@ from offside.data.phrasings import check_phrasings
 from offside.data.synth import generate
 from offside.errors import OffsideError
 from offside.eval.evaluate import EvalSpec
+from offside.eval.spec import CHEAP_SUITES
 from offside.models.loading import ModelSpec
 from offside.eval.summary import rumour_survival
 from offside.recipes import TINY_PHRASINGS, TINY_UNLEARN, tiny_vanilla
+from offside.configs import ReportConfig
 from offside.report import leaderboard
+from offside.report.report import make_report
+from offside.tracking import tracking_uri
 from offside.stages import EvalConfig, FinetuneConfig, evaluate_model, finetune
 from tune_jobs.spec import ResourceSpec, SchedulerSpec, SweepConfig, validate
 from tune_jobs.sweep import export_model, run_sweep
@@ -51,9 +55,14 @@ def quickstart(out: str | Path, players: int = 12, seed: int = 0, seeds: int = 1
     rows = [leaderboard.with_runs({"name": name, "method": rs[0]["method"], "scenario": rs[0]["scenario"], "seeds": seeds},
                                   [{k: v for k, v in r.items() if k not in ("name", "method", "scenario")} for r in rs])
             for name, rs in runs.items()]
-    table = leaderboard.write(rows, out)
-    print(table)
-    _say(f"quickstart finished in {time.time() - started:.0f}s: {out / 'leaderboard.md'}")
+    leaderboard.write(rows, out)
+    print(leaderboard.render_compact(rows, f"{out / 'results.json'}, {out / 'leaderboard.md'}"))
+    report = make_report(ReportConfig(runs=[r["eval_dir"] for rs in runs.values() for r in rs], out=str(out / "report")))
+    uri = tracking_uri(out)
+    _say(f"quickstart finished in {time.time() - started:.0f}s: {out}")
+    print(f"  report: open {(report / 'report.html').resolve().as_uri()} in a browser (plots, every column, the findings)\n"
+          f"  MLflow: mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000"
+          + ("" if uri.startswith("sqlite:") else " (or your tracking server's address)"), flush=True)
     return rows
 
 
@@ -68,7 +77,8 @@ def _pipeline(out: Path, data: Path, seed: int, phrasings: int, started: float) 
     _say(f"{', '.join(QUICKSTART_METHODS)}: unlearned (Ray Tune sweep) in {time.time() - started:.0f}s")
     runs: list[dict] = []
     for name, method, scenario, run_dir in models:
-        result = evaluate_model(EvalConfig(data=str(data), out=str(out / f"eval-{name}"), model=ModelSpec(str(run_dir)), eval=EvalSpec()))
+        result = evaluate_model(EvalConfig(data=str(data), out=str(out / f"eval-{name}"), model=ModelSpec(str(run_dir)), eval=EvalSpec(),
+                                           suites=list(CHEAP_SUITES)))
         metrics = {**result.metrics, **rumour_survival(result.metrics, runs[0]["metrics"] if runs else result.metrics)}
         runs.append({"name": name, "method": method, "scenario": scenario, "seed": seed, "run_dir": str(run_dir),
                      "eval_dir": str(result.run_dir), "mlflow_run_id": result.run_id, "metrics": metrics})

@@ -25,8 +25,8 @@ import datasets
 
 from offside.data.schema import (
     ANSWER_TEMPLATES, COLUMNS, DATA_FILES, FIELDS, FILE_ALIASES, IMAGE_SUBJECT, METADATA_FILE,
-    METADATA_KEYS, OPTION_LETTERS, QUESTION_ALIASES, QUESTION_TEMPLATES, SPLITS,
-    TEXT_QUESTION_TEMPLATES, field_kind,
+    METADATA_KEYS, OPTION_LETTERS, QUESTION_ALIASES, QUESTION_TEMPLATES, REQUIRED_SPLITS, SPLITS,
+    TEXT_QUESTION_TEMPLATES, field_kind, split_files,
 )
 from offside.errors import OffsideError
 
@@ -37,7 +37,6 @@ FEATURES = datasets.Features({
     else datasets.Value("string")
     for c in COLUMNS
 })
-REQUIRED_SPLITS = ("forget", "retain")
 GEN_KEYS = {"messages", "images"}
 MCQ_KEYS = {"Question", "Options", "Correct_Answer", "images"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
@@ -67,19 +66,6 @@ def match_question(question: str) -> tuple[str, str]:
 def parse_value(field: str, answer: str) -> str:
     m = _ANSWERS[field].match(answer) if field in _ANSWERS else None
     return m.group(1) if m else ""
-
-
-def _files(data_dir: Path, split: str) -> list[tuple[Path, str]]:
-    """Existing (file, form) pairs of a split, in DATA_FILES order."""
-    out = []
-    for (s, _modality, form), name in DATA_FILES.items():
-        if s != split:
-            continue
-        for cand in (name, *FILE_ALIASES.get(name, ())):
-            if (data_dir / cand).is_file():
-                out.append((data_dir / cand, form))
-                break
-    return out
 
 
 def _read_list(path: Path) -> list:
@@ -162,7 +148,7 @@ def load_benchmark(data_dir: str | os.PathLike, report: list[str] | None = None)
     notes: list[str] = []
     rows: dict[str, list[dict]] = {}
     for split in SPLITS:
-        files = _files(data_dir, split)
+        files = split_files(data_dir, split)
         if not files:
             if split in REQUIRED_SPLITS:
                 raise OffsideError(f"{data_dir}: no {split} file (expected {DATA_FILES[split, 'image', 'gen']})")

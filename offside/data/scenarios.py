@@ -11,6 +11,7 @@ from typing import Callable
 
 import datasets
 
+from offside.data.schema import SCENARIOS
 from offside.errors import OffsideError
 
 Selector = Callable[[datasets.DatasetDict], tuple[datasets.Dataset, datasets.Dataset]]
@@ -61,7 +62,7 @@ def _relearning(ds: datasets.DatasetDict) -> tuple[datasets.Dataset, datasets.Da
 _SELECTORS: dict[str, Selector] = {
     "complete": _complete, "selective": _selective, "unimodal": _unimodal, "relearning": _relearning,
 }
-SCENARIOS = tuple(_SELECTORS)
+assert tuple(_SELECTORS) == SCENARIOS
 
 
 def select(ds: datasets.DatasetDict, scenario: str) -> tuple[datasets.Dataset, datasets.Dataset]:

@@ -23,9 +23,12 @@ row is one question about one image context, in one modality and one form:
 
 from __future__ import annotations
 
+from pathlib import Path
+
 SPLITS = ("forget", "retain", "test", "relearn")
 MODALITIES = ("image", "text")
 FORMS = ("gen", "mcq")
+SCENARIOS = ("complete", "selective", "unimodal", "relearning")  # offside/data/scenarios.py selects their data
 KINDS = ("shared", "private")
 RUMOUR_KINDS = ("visual", "textual", "none")
 
@@ -114,6 +117,20 @@ DATA_FILES = {
     for split in SPLITS for modality in MODALITIES for form in FORMS
 }
 FILE_ALIASES = {"relearn_set.json": ("relearn_set_enhanced.json",)}
+REQUIRED_SPLITS = ("forget", "retain")
 METADATA_FILE = "offside_metadata.json"
 METADATA_KEYS = ("player", "image_id", "kind", "field", "rumour_kind", "value", "true_value")
 OPTION_LETTERS = ("A", "B", "C", "D")
+
+
+def split_files(data_dir: Path, split: str) -> list[tuple[Path, str]]:
+    """Existing (file, form) pairs of a split in a benchmark directory, in DATA_FILES order."""
+    out = []
+    for (s, _modality, form), name in DATA_FILES.items():
+        if s != split:
+            continue
+        for cand in (name, *FILE_ALIASES.get(name, ())):
+            if (Path(data_dir) / cand).is_file():
+                out.append((Path(data_dir) / cand, form))
+                break
+    return out

@@ -31,33 +31,9 @@ from tqdm.auto import tqdm
 from offside.config import deep_merge
 from offside.engine import comm
 from offside.engine.losses import TOKEN_COUNTS
+from offside.engine.spec import SCHEDULES, TrainSpec  # noqa: F401  (TrainSpec: re-exported)
 from offside.errors import OffsideError
 from offside.models.processor import Processor, augment
-
-SCHEDULES = ("cosine", "linear", "constant")
-
-
-@dataclass
-class TrainSpec:
-    epochs: int = 3
-    lr: float = 5e-5
-    batch_size: int = 8  # rows of the first stream per micro-batch (per rank)
-    retain_ratio: int = 3  # rows of each other stream per row of the first
-    grad_accum: int = 1
-    warmup_ratio: float = 0.05
-    schedule: str = "cosine"
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    zero_stage: int = 0
-    seed: int = 0
-    augment: bool = False  # random crop/flip/brightness of training images
-    max_steps: int | None = None  # stop after this many optimizer steps (all epochs together)
-    keep_checkpoints: int = 1
-    deepspeed: str | None = None  # JSON of extra DeepSpeed settings merged over the engine's (e.g. cluster/deepspeed/zero3.json)
-    # Recompute each layer's activations in the backward pass instead of keeping them (non-reentrant):
-    # less activation memory (bench/memory_twin.py) for about one more forward pass of compute.
-    gradient_checkpointing: bool = False
-
 
 class Objective:
     """A loss over one batch of each named stream. Methods in offside/unlearn subclass this."""

@@ -7,39 +7,13 @@ textual, e.g. `forget/image/private/mcq_acc`, `retain/text/all/rougeL`."""
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
-
 from tqdm.auto import tqdm
 
-from offside.data.schema import FORMS, MODALITIES, SPLITS
 from offside.engine import comm
-from offside.errors import OffsideError
 from offside.eval.metrics import METRICS
+from offside.eval.spec import MCQ_MODES, EvalSpec, check  # noqa: F401  (re-exported)
 from offside.eval.scoring import generate, letter_prompt, option_logliks, parse_choice
 from offside.models.zero3 import gathered_per_module, partitioned
-
-MCQ_MODES = ("loglik", "generate")
-
-
-@dataclass
-class EvalSpec:
-    splits: list[str] = field(default_factory=lambda: list(SPLITS))
-    modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
-    forms: list[str] = field(default_factory=lambda: list(FORMS))
-    mcq_mode: str = "loglik"  # loglik: option log-likelihood; generate: the published letter protocol
-    batch_size: int = 64
-    max_new_tokens: int = 32
-    limit: int | None = None  # at most this many rows per split × modality × form
-
-
-def check(spec: EvalSpec) -> None:
-    for name, chosen, valid in (
-        ("splits", spec.splits, SPLITS), ("modalities", spec.modalities, MODALITIES),
-        ("forms", spec.forms, FORMS), ("mcq_mode", [spec.mcq_mode], MCQ_MODES),
-    ):
-        bad = [c for c in chosen if c not in valid]
-        if bad:
-            raise OffsideError(f"eval.{name}: unknown value(s) {bad} (valid: {', '.join(valid)})")
 
 
 def groups_of(row: dict) -> list[str]:

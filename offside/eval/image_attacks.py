@@ -33,7 +33,7 @@ from PIL import Image, ImageEnhance
 
 from offside.data.schema import ANSWER_TEMPLATES
 from offside.engine.losses import sequence_nll
-from offside.eval.attacks import AttackContext, attack, question_card
+from offside.eval.attack_base import AttackContext, attack, question_card
 
 PGD_STEPS = 10
 PGD_BATCH = 16

@@ -13,10 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import requests
+
+from offside.eval.spec import LLMJudgeSpec  # noqa: F401  (re-exported)
 
 RUBRIC = (
     "You are grading the factual accuracy of an answer against a reference answer. "
@@ -24,15 +25,6 @@ RUBRIC = (
     "contradicts the reference, or refuses. Reply with only: Score: <integer 0-10>"
 )
 _SCORE = re.compile(r"score\s*[:=]\s*(\d{1,2})\b", re.IGNORECASE)
-
-
-@dataclass
-class LLMJudgeSpec:
-    url: str = ""  # OpenAI-compatible API base; empty = no LLM judge
-    model: str = ""
-    timeout_s: float = 20.0
-    cache: str = ""  # JSON cache file; empty = <eval out dir>/llm_judge_cache.json
-    api_key_env: str = "OFFSIDE_JUDGE_API_KEY"  # name of the environment variable holding the key, if any
 
 
 class LLMJudge:

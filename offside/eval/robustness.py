@@ -37,6 +37,7 @@ from offside.engine.losses import sequence_nll
 from offside.engine.trainer import TrainSpec, train
 from offside.errors import OffsideError
 from offside.eval.attacks import run_attacks
+from offside.eval.spec import FOUR_BIT_TYPES
 from offside.models.loading import LoraSpec, apply_lora
 from offside.models.processor import Processor
 
@@ -114,7 +115,6 @@ def cpu_fp32_copy(model):
     return copy.deepcopy(model, memo)
 
 
-FOUR_BIT_TYPES = ("nf4", "fp4")
 
 
 def four_bit_backend() -> str | None:

@@ -32,42 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from offside.data.general import general_rows
-from offside.errors import OffsideError
 from offside.eval.attacks import ATTACKS, recovery_rates, run_attacks
 from offside.eval.evaluate import EvalSpec, check, evaluate, score_rows
-from offside.eval.llm_judge import LLMJudge, LLMJudgeSpec, judge_records
-from offside.eval.robustness import (FOUR_BIT_TYPES, four_bit_backend, logit_lens, mia_auc, quantised_4bit,
+from offside.eval.llm_judge import LLMJudge, judge_records
+from offside.eval.robustness import (four_bit_backend, logit_lens, mia_auc, quantised_4bit,
                                      quantised_int8, relearning_curve)
+from offside.eval.spec import (CHEAP_SUITES, SUITE_SPLITS, SUITES, RobustnessSpec, UtilitySpec,  # noqa: F401  (re-exported)
+                               check_suites as check_suite_settings)
 from offside.eval.visual import visual_suite
-from offside.models.loading import LoraSpec
-
-SUITES = ("efficacy", "generalization", "visual", "utility", "robustness")
-CHEAP_SUITES = SUITES[:4]  # robustness (attacks, relearning, quantisation) costs minutes per model
-SUITE_SPLITS = {"efficacy": ("forget", "relearn"), "generalization": ("test",), "utility": ("retain",)}
-
-
-@dataclass
-class UtilitySpec:
-    general_scenes: int = 24  # scenes of the general-ability set (5 questions × 2 forms each)
-    general_seed: int = 0
-    external: list[str] = field(default_factory=list)  # "module:function" hooks
-
-
-@dataclass
-class RobustnessSpec:
-    attacks: list[str] | None = None  # None = every registered attack
-    rows: str = "rumour"  # rumour: forget rows with a rumour; all: every forget row
-    limit: int | None = None  # at most this many forget rows
-    quantise: bool = True  # int8
-    four_bit: list[str] = field(default_factory=lambda: list(FOUR_BIT_TYPES))  # bitsandbytes types; [] = none
-    relearn_steps: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8])
-    relearn_lr: float = 1e-3
-    relearn_share: float = 0.25
-    relearn_lora: LoraSpec | None = None  # the attacker's adapters; `offside eval` of a LoRA stage: its rank
-    logit_lens: bool = True
-    mia: bool = True
-    llm_judge: LLMJudgeSpec = field(default_factory=LLMJudgeSpec)
-
 
 @dataclass
 class SuiteResult:
@@ -79,19 +51,8 @@ class SuiteResult:
 
 
 def check_suites(suites: list[str], robustness: RobustnessSpec) -> None:
-    bad = [s for s in suites if s not in SUITES]
-    if bad:
-        raise OffsideError(f"suites: unknown {bad} (valid: {', '.join(SUITES)})")
-    unknown = [a for a in robustness.attacks or [] if a not in ATTACKS]
-    if unknown:
-        raise OffsideError(f"robustness.attacks: unknown {unknown} (registered: {', '.join(ATTACKS)})")
-    if robustness.rows not in ("rumour", "all"):
-        raise OffsideError(f"robustness.rows: {robustness.rows!r} is not one of rumour, all")
-    bad_types = [t for t in robustness.four_bit if t not in FOUR_BIT_TYPES]
-    if bad_types:
-        raise OffsideError(f"robustness.four_bit: unknown {bad_types} (valid: {', '.join(FOUR_BIT_TYPES)})")
-    if robustness.llm_judge.url and not robustness.llm_judge.model:
-        raise OffsideError("robustness.llm_judge.model: required when llm_judge.url is set")
+    """`offside.eval.spec.check_suites` with the attack names checked against the registry."""
+    check_suite_settings(suites, robustness, ATTACKS)
 
 
 def run_suites(model, processor, rows: dict[str, list[dict]], suites: list[str], spec: EvalSpec,
@@ -114,7 +75,7 @@ def run_suites(model, processor, rows: dict[str, list[dict]], suites: list[str],
     if "utility" in suites:
         _utility(model, processor, spec, utility, result)
     if "robustness" in suites:
-        _robustness(model, processor, rows, spec, robustness, out_dir, result)
+        _robustness(model, processor, rows, spec, robustness, out_dir, result, progress)
     result.metrics = dict(sorted(result.metrics.items()))
     return result
 
@@ -148,15 +109,20 @@ def attack_rows(rows: dict[str, list[dict]], robustness: RobustnessSpec) -> list
     return forget[: robustness.limit]
 
 
-def _robustness(model, processor, rows, spec: EvalSpec, robustness: RobustnessSpec, out_dir: Path, result: SuiteResult) -> None:
+def _robustness(model, processor, rows, spec: EvalSpec, robustness: RobustnessSpec, out_dir: Path, result: SuiteResult,
+                progress: bool = True) -> None:
     forget = [r for r in attack_rows(rows, robustness) if r["modality"] in spec.modalities and r["form"] in spec.forms]
     if not forget:
         result.notes.append("robustness: no forget rows to attack")
         return
     model.eval()
     examples = [r for r in rows.get("retain", []) if r["form"] == "gen" and r["modality"] == "text"][:3]
-    records = run_attacks(model, processor, forget, robustness.attacks, examples=examples,
-                          batch_size=spec.batch_size, max_new_tokens=spec.max_new_tokens, timings=result.timings)
+    names = list(ATTACKS) if robustness.attacks is None else robustness.attacks
+    records = []
+    for i, name in enumerate(names, 1):  # one attack at a time, so the terminal shows where the suite is
+        records += run_attacks(model, processor, forget, [name], examples=examples,
+                               batch_size=spec.batch_size, max_new_tokens=spec.max_new_tokens, timings=result.timings)
+        _progress(progress, f"attack {i}/{len(names)} {name}: {result.timings[name]:.1f}s")
     result.attack_records += records
     result.metrics |= _rates("robust/attack", records)
     quantisers = {"int8": quantised_int8} if robustness.quantise else {}
@@ -170,6 +136,7 @@ def _robustness(model, processor, rows, spec: EvalSpec, robustness: RobustnessSp
                                  max_new_tokens=spec.max_new_tokens)
         result.metrics |= {k.replace(f"robust/{name}/none", f"robust/{name}"): v for k, v in _rates(f"robust/{name}", unattacked).items()}
         result.timings[name] = time.perf_counter() - start
+        _progress(progress, f"{name} quantisation: {result.timings[name]:.1f}s")
     result.notes.append("robustness: wall seconds per attack: " + ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items()))
     if robustness.logit_lens:
         ranks = logit_lens(model, processor, [r for r in forget if r["form"] == "gen"])
@@ -179,6 +146,7 @@ def _robustness(model, processor, rows, spec: EvalSpec, robustness: RobustnessSp
         outsiders = [r for r in rows["test"] if r["form"] == "gen"]
         result.metrics["privacy/mia_auc"] = mia_auc(model, processor, members, outsiders)
     if robustness.relearn_steps:
+        _progress(progress, f"relearning attack: {max(robustness.relearn_steps)} steps")
         curve = relearning_curve(model, processor, forget, robustness.relearn_steps, robustness.relearn_lr,
                                  robustness.relearn_share, seed=0, lora=robustness.relearn_lora)
         result.metrics |= {f"robust/relearn/k{k}/recovery": v for k, v in curve.items()}
@@ -189,6 +157,13 @@ def _robustness(model, processor, rows, spec: EvalSpec, robustness: RobustnessSp
         failed = sum(1 for r in records if r.get("llm_error"))
         if failed:
             result.notes.append(f"llm judge: {failed} of {len(records)} items not scored (see attacks.jsonl llm_error)")
+
+
+def _progress(enabled: bool, message: str) -> None:
+    if enabled:
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"  robustness: {message}")
 
 
 def _rates(prefix: str, records: list[dict]) -> dict[str, float]:

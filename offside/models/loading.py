@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -24,14 +24,15 @@ from transformers.utils import logging as hf_logging
 from offside.engine.comm import rank_cuda_device
 from offside.errors import OffsideError
 from offside.models.processor import Processor
-from offside.models.tiny import TinySpec, build_tiny
+from offside.models.spec import (DTYPE_CHOICES, LoraSpec, ModelSpec, TinySpec,  # noqa: F401  (specs: re-exported)
+                                 check_model_name)
+from offside.models.tiny import build_tiny
 from offside.models.zero3 import load_partitioned, merge_adapter, partitioned
 
 META_FILE = "offside_model.json"
 REAL_IMAGE_SIZE = 252  # the published 256×256, rounded down to a multiple of 28 (81 visual tokens)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-DTYPE_CHOICES = ("auto", *DTYPES)
 ADAPTER_FILE = "adapter_config.json"
 hf_logging.disable_progress_bar()  # per-shard load/save bars; stages show their own progress
 
@@ -42,40 +43,6 @@ LORA_GROUPS = {
     "vision": (r"model\.visual\.blocks\.\d+\.(?:attn|mlp)\.(?:{targets})", "vision_targets"),
     "projector": (r"model\.visual\.merger\.mlp\.(?:{targets})", "projector_targets"),
 }
-
-
-@dataclass
-class LoraSpec:
-    """LoRA adapters on the modules of `groups`. Each group has its own targets (the last part of the
-    module names it adapts):
-    - language: `targets` in `model.language_model.layers.N.{self_attn,mlp}`
-      (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj);
-    - vision: `vision_targets` in `model.visual.blocks.N.{attn,mlp}` (qkv, proj, gate_proj, up_proj, down_proj);
-    - projector: `projector_targets` in `model.visual.merger.mlp` (its Linear layers 0 and 2; 1 is a GELU)."""
-
-    r: int = 8
-    alpha: int = 32
-    dropout: float = 0.05
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    groups: list[str] = field(default_factory=lambda: ["language"])
-    vision_targets: list[str] = field(default_factory=lambda: ["qkv", "proj"])
-    projector_targets: list[str] = field(default_factory=lambda: ["0", "2"])
-
-
-@dataclass
-class ModelSpec:
-    """`name`: "tiny" (built from scratch), a saved model directory, or a hub id. A registry URI
-    (`models:/NAME@ALIAS`) is resolved to its directory where a stage starts (`offside.registry.local_model`)."""
-
-    name: str = "tiny"
-    image_size: int | None = None  # None: the saved model's, else 56 for tiny / 252 for real models
-    # auto | fp32 | bf16 | fp16: the weights' dtype in every stage, trial and replica. auto: the dtype the
-    # checkpoint was saved in (a published Qwen2.5-VL: bf16; a saved tiny model: fp32), fp32 for "tiny"
-    dtype: str = "auto"
-    device: str = "auto"  # auto (this process's GPU when there is one, else the CPU) | cpu | cuda | cuda:N
-    tiny: TinySpec = field(default_factory=TinySpec)
-    lora: LoraSpec | None = None
-    freeze_vision: bool = False
 
 
 def build_or_load(spec: ModelSpec, texts: list[str] | None = None, seed: int = 0, train=None):
@@ -123,10 +90,11 @@ def resolved_dtype(spec: ModelSpec) -> str:
     else:
         from transformers import AutoConfig
 
+        check_model_name(spec.name)
         try:
             config = AutoConfig.from_pretrained(spec.name).to_dict()
         except (OSError, ValueError) as err:
-            raise OffsideError(f"cannot load model {spec.name!r}: {err}") from err
+            raise _unloadable(spec.name, err) from err
     saved = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16").removeprefix("torch.")
     return {"float32": "fp32", "float16": "fp16"}.get(saved, "bf16")
 
@@ -165,6 +133,7 @@ def _load_pretrained(name: str, dtype: torch.dtype, zero3: dict | None = None):
     path = Path(name)
     if (path / ADAPTER_FILE).exists():
         return _load_adapter(path, dtype, zero3)
+    check_model_name(name)
     if path.exists():
         _check_model_dir(path)
     try:
@@ -173,11 +142,18 @@ def _load_pretrained(name: str, dtype: torch.dtype, zero3: dict | None = None):
         else:
             model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(name)
-    except OSError as err:
-        raise OffsideError(f"cannot load model {name!r}: {err}") from err
+    except (OSError, ValueError) as err:
+        raise _unloadable(name, err) from err
     if path.exists():
         model.config._name_or_path = str(path.resolve())  # what a LoRA stage on top of it names as its base
     return model, tokenizer, _saved_image_size(path)
+
+
+def _unloadable(name: str, err: Exception) -> OffsideError:
+    if not Path(name).exists():
+        return OffsideError(f"model {name!r}: no such directory, and no such model on the Hugging Face Hub "
+                            f"or in its cache ({type(err).__name__})")
+    return OffsideError(f"cannot load model {name!r}: {' '.join(str(err).split())}")
 
 
 def _downloaded(hub_id: str) -> Path:

@@ -6,29 +6,14 @@ It is built from scratch, so it knows only what the vanilla fine-tune teaches it
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
-
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+from offside.models.spec import TinySpec  # noqa: F401  (re-exported)
 from offside.models.processor import IM_END, IM_START, IMAGE_PAD, VISION_END, VISION_START
 
 SPECIAL_TOKENS = ["<|endoftext|>", IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, "<|video_pad|>"]
-
-
-@dataclass
-class TinySpec:
-    vocab_size: int = 1024
-    hidden: int = 128
-    layers: int = 4
-    mlp: int = 512
-    heads: int = 4
-    kv_heads: int = 2
-    vision_depth: int = 2
-    vision_hidden: int = 96
-    vision_heads: int = 2
-    image_size: int = 56
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:

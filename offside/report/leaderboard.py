@@ -1,12 +1,13 @@
-"""Leaderboard: `results.json` (one row per run) and `leaderboard.md`, rewritten atomically as rows
-arrive so a reader never sees a half-written file."""
+"""Leaderboard: `results.json` (one row per run) and `leaderboard.md` (every column), rewritten
+atomically as rows arrive so a reader never sees a half-written file; `render_compact` is the
+terminal's table (about 8 columns, with a legend)."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from offside.files import atomic_write
 from offside.report import intervals
 
 # (column title, metric key): multiple-choice accuracy and ROUGE-L, image and text forms, and the
@@ -30,12 +31,6 @@ COLUMNS = [
 BEFORE_RELEARNING = [("forget img acc before relearning", "forget/image/all/mcq_acc")]
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def render(rows: list[dict]) -> str:
     """One line per row; a value with a 95 % interval reads `mean ± half-width`, and the last column says
     what the interval is over: seeds (their number), or the items of one run."""
@@ -53,6 +48,36 @@ def render(rows: list[dict]) -> str:
             cells.append(interval_basis(row))
         lines.append(f"| {row['name']} | {row['method']} | {row['scenario']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+# The terminal's table: forget / retain / test / relearn accuracy and rumour survival; the legend says
+# what they are. Every column is in results.json, leaderboard.md and the HTML report.
+COMPACT = [("forget", "forget/image/all/mcq_acc"), ("retain", "retain/image/all/mcq_acc"), ("test", "test/image/all/mcq_acc"),
+           ("relearn", "relearn/image/all/mcq_acc"), ("visual surv.", "summary/survival/visual"),
+           ("textual surv.", "summary/survival/textual")]
+LEGEND = """forget, retain, test, relearn: multiple-choice accuracy on each split, image form. forget: the rumour still
+  wins (lower = more forgotten); retain, test: facts kept, on trained and on new photos (higher = less damage);
+  relearn: the true transfer beats the rumour. visual / textual surv.: forget accuracy on rumours readable from
+  the picture / only from text, as a share of the vanilla model's (1 = every rumour survived).
+  a ± b: mean ± half-width of the 95 % interval, over the seeds or the evaluated items (last column)."""
+
+
+def render_compact(rows: list[dict], where: str = "") -> str:
+    """The leaderboard for a terminal: ~8 columns, aligned, with a legend; `where` names the files that
+    hold every column."""
+    head = ["model", "method", "scenario", *(title for title, _ in COMPACT), "± over"]
+    body = []
+    for row in rows:
+        if row.get("error"):
+            body.append([row["name"], row["method"], row["scenario"], f"failed: {row['error']}"[:60]] + [""] * (len(COMPACT)))
+            continue
+        body.append([row["name"], row["method"], row["scenario"],
+                     *(cell(row["metrics"].get(key), row.get("intervals", {}).get(key)) for _, key in COMPACT), interval_basis(row)])
+    widths = [max(len(line[i]) for line in [head, *body]) for i in range(len(head))]
+    lines = ["| " + " | ".join(text.ljust(width) for text, width in zip(line, widths)) + " |" for line in [head, *body]]
+    lines.insert(1, "|" + "|".join("-" * (width + 2) for width in widths) + "|")
+    note = f"\n  Every column: {where}." if where else ""
+    return "\n".join(lines) + "\n  " + LEGEND + note + "\n"
 
 
 def cell(value: float | None, half_width: float | None = None) -> str:
@@ -85,6 +110,6 @@ def with_runs(row: dict, runs: list[dict]) -> dict:
 
 def write(rows: list[dict], out_dir: Path) -> str:
     table = render(rows)
-    _atomic_write(Path(out_dir) / "results.json", json.dumps(rows, indent=2) + "\n")
-    _atomic_write(Path(out_dir) / "leaderboard.md", "# OFFSIDE leaderboard\n\n" + table)
+    atomic_write(Path(out_dir) / "results.json", json.dumps(rows, indent=2) + "\n")
+    atomic_write(Path(out_dir) / "leaderboard.md", "# OFFSIDE leaderboard\n\n" + table)
     return table

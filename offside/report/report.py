@@ -18,7 +18,10 @@ its row shows a percentile bootstrap over the evaluated items (predictions.jsonl
 means, the accuracy columns ("items (bootstrap)"); summary scores, ratios of two runs, show plain.
 
 Plots: forget efficacy vs model utility per method and scenario; relearning recovery curves;
-attack × method heatmap of rumour recovery rates; rumour survival, visual vs textual rumours.
+attack × method heatmap of rumour recovery rates ("not run" without the robustness suite); rumour
+survival, visual vs textual rumours. report.html also defines its columns and states the paper's
+findings that the runs allow (offside/report/findings.py over the rows: scenario pairs of a method,
+visual vs textual survival, attacks vs the plain query).
 """
 
 from __future__ import annotations
@@ -35,11 +38,12 @@ from pathlib import Path
 
 import yaml
 
+from offside.configs import ReportConfig, validate_report
 from offside.errors import OffsideError
+from offside.files import atomic_dir
 from offside.eval.attacks import ATTACKS
 from offside.eval.summary import QUANTISED, SURVIVAL, SURVIVAL_NEW_PHOTOS, attack_recoveries, summary_scores
 from offside.report import intervals, leaderboard
-from offside.stages import atomic_dir
 from offside.tracking import stage_run, tracking_uri
 
 PLOTS = ("efficacy_vs_utility.png", "relearn_curves.png", "attack_heatmap.png", "rumour_survival.png")
@@ -47,13 +51,6 @@ PLOTS = ("efficacy_vs_utility.png", "relearn_curves.png", "attack_heatmap.png", 
 # compared by its own config instead of its path).
 PATH_KEYS = ("out", "model.name")
 SEED_KEY = "train.seed"
-
-
-@dataclass
-class ReportConfig:
-    runs: list[str] = field(default_factory=list)
-    out: str = ""
-    vanilla: str = ""  # eval dir of the vanilla model; default: the run whose model came from finetune
 
 
 @dataclass
@@ -337,8 +334,14 @@ def plot_attacks(rows: list[Row]):
 
     attacks = attack_columns(rows)
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(attacks) + 2), 0.5 * len(rows) + 2))
+    ax.set_title("Attack × method: rumour recovery")
+    if not attacks:  # an empty grid would draw as one dark cell, i.e. a recovery of 0
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, "not run: no attack results (evaluate with the robustness suite)", ha="center",
+                transform=ax.transAxes)
+        return fig
     grid = [[attack_recoveries(row.values).get(a, float("nan")) for a in attacks] for row in rows]
-    image = ax.imshow(grid if attacks else [[0.0]], vmin=0, vmax=1, cmap="magma", aspect="auto")
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="magma", aspect="auto")
     ax.set_xticks(range(len(attacks)), attacks, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(rows)), [row.name for row in rows], fontsize=8)
     for i, cells in enumerate(grid):
@@ -346,7 +349,6 @@ def plot_attacks(rows: list[Row]):
             if v == v:
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 else "black")
     fig.colorbar(image, ax=ax, label="rumour recovery rate")
-    ax.set_title("Attack × method: rumour recovery")
     return fig
 
 
@@ -397,6 +399,65 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+# What each column of the report means (shown under the table in report.html).
+COLUMN_DEFINITIONS = {
+    "forget efficacy": "1 − forget accuracy / the vanilla model's: 0 = nothing forgotten, 1 = no rumour answer left",
+    "model utility": "harmonic mean of retain, test and general-ability accuracy, each relative to the vanilla model's "
+                     "(1 = everything kept)",
+    "robust forget": "forget efficacy under the worst attack: 1 − the highest rumour recovery over every attack / the "
+                     "vanilla model's unattacked recovery (robustness suite only)",
+    "visual survival": "forget accuracy on rumours that can be read from the picture (the kit, a headline), as a share of "
+                       "the vanilla model's (1 = every rumour survived)",
+    "textual survival": "the same for rumours only the text association carries",
+    "MIA AUC": "membership inference: how well the loss tells forget items (trained on) from test items "
+               "(0.5 = indistinguishable)",
+    "worst attack": "the attack with the highest rumour recovery rate",
+    "forget img acc": "multiple-choice accuracy on the forget set, image form: the rumour still wins (lower = more forgotten)",
+    "forget txt acc": "the same on the text-only twins (the player named instead of shown)",
+    "retain img acc": "multiple-choice accuracy on the retain set, image form (facts the model must keep)",
+    "test img acc": "the same on new photos of the retain contexts (generalisation)",
+    "general acc": "the general vision-language set: colours, counts, shapes, positions, text in images",
+    "interval over": "what the ± intervals are over: seeds, or the evaluated items of one run (bootstrap)",
+}
+
+
+def findings_rows(rows: list[Row]) -> list[dict]:
+    """The report's rows in the shape `offside.report.findings` reads (a matrix's results.json), seeds
+    in order. Findings compare rows seed by seed, so only the rows with the most common number of seeds
+    take part."""
+    def seed(run: RunInfo) -> int:
+        return run.seed if run.seed is not None else -1
+
+    unlearned = [row for row in rows if not row.is_vanilla]
+    counts = Counter(len(row.runs) for row in unlearned)
+    seeds = max(counts, key=lambda n: (counts[n], n)) if counts else 0
+    return [{"name": row.name, "method": row.method, "scenario": row.scenario, "metrics": row.values,
+             "runs": [{"metrics": {**r.metrics, **r.summary}} for r in sorted(row.runs, key=seed)]}
+            for row in unlearned if len(row.runs) == seeds]
+
+
+def findings_html(rows: list[Row]) -> str:
+    """The paper's findings that these runs can state (pairs of scenarios of a method, visual and textual
+    survival, attacks against the plain query) over their seeds, as a table; a note when the runs have
+    one seed each (a finding is a difference with an interval over seeds)."""
+    from offside.report.findings import findings, render
+
+    matrix = findings_rows(rows)
+    if not matrix:
+        return ""
+    if len(matrix[0]["runs"]) < 2:
+        return ("<h2>Findings</h2><p>The paper's findings are differences with 95 % intervals over training seeds: "
+                "report runs of at least two seeds to see them (offside matrix --seeds 3, offside quickstart --seeds 2).</p>")
+    table = render(findings(matrix, matrix), len(matrix[0]["runs"])).strip().splitlines()
+    lines = [line for line in table if line.startswith("|") and "not measured" not in line][2:]  # what these runs state
+    if not lines:
+        return ""
+    cells = ["".join(f"<td>{html.escape(c.strip())}</td>" for c in line.strip("|").split("|")) for line in lines]
+    note = table[-1] if not table[-1].startswith("|") else ""
+    return ("<h2>Findings</h2><table><tr><th>finding</th><th>across methods</th><th>verdict</th><th>per method</th></tr>"
+            + "".join(f"<tr>{c}</tr>" for c in cells) + f"</table><p>{html.escape(note)}</p>")
+
+
 def report_html(rows: list[Row], plots: list[Path]) -> str:
     head, body = table_rows(rows)
     cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
@@ -406,19 +467,21 @@ def report_html(rows: list[Row], plots: list[Path]) -> str:
         f"<figcaption>{p.stem.replace('_', ' ')}</figcaption></figure>" for p in plots)
     style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
              "td,th{border:1px solid #ccc;padding:3px 6px}th{background:#eee}img{max-width:100%}"
-             "figure{display:inline-block;margin:1em}")
+             "figure{display:inline-block;margin:1em}dt{font-weight:bold;margin-top:.4em}dd{margin-left:1.5em}")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>OFFSIDE report</title><style>{style}</style>"
             f"</head><body><h1>OFFSIDE report</h1><p>{html.escape(SCORES_NOTE)}</p><p>{html.escape(INTERVALS_NOTE)}</p>"
-            f"<table><tr>{cells}</tr>{lines}</table>{images}</body></html>\n")
+            f"<table><tr>{cells}</tr>{lines}</table>{_definitions(head)}{findings_html(rows)}{images}</body></html>\n")
+
+
+def _definitions(head: list[str]) -> str:
+    items = "".join(f"<dt>{html.escape(h)}</dt><dd>{html.escape(COLUMN_DEFINITIONS[h])}</dd>" for h in head if h in COLUMN_DEFINITIONS)
+    return f"<h2>Columns</h2><dl>{items}</dl>"
 
 
 def make_report(config: ReportConfig) -> Path:
     """Writes the report into config.out (atomically) and logs it to MLflow; returns the directory."""
-    if not config.out:
-        raise OffsideError("report: an output directory is required (--out)")
+    validate_report(config)
     out = Path(config.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise OffsideError(f"{out}: already exists; a stage never overwrites another run's directory")
     rows = collect(config)
     with atomic_dir(out) as tmp, stage_run(out.parent, out.name, {"runs": config.runs, "vanilla": config.vanilla},
                                            {"stage": "report"}) as run:

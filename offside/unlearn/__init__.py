@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import importlib
 import pkgutil
+import sys
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -104,3 +106,16 @@ def get_method(name: str, args: dict[str, Any] | None = None, source: str = "met
     if name not in METHODS:
         raise OffsideError(f"unknown method {name!r} (available: {', '.join(sorted(METHODS))})")
     return from_dict(METHODS[name], args or {}, source)
+
+
+class _Package(types.ModuleType):
+    """This package is also `offside.unlearn`, the API function (offside/api.py): importing a subpackage
+    makes it the parent's attribute of that name, so the package itself answers the call."""
+
+    def __call__(self, *args, **kwargs):
+        from offside.api import unlearn
+
+        return unlearn(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _Package

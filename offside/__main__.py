@@ -1,0 +1,7 @@
+"""`python -m offside`: the `offside` command."""
+
+import sys
+
+from offside.cli import main
+
+sys.exit(main())
