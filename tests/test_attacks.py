@@ -70,7 +70,7 @@ def test_run_attacks_single_row_and_batch(setup):
     assert [r["attack"] for r in one] == ["none", "answer_forcing"]
     assert {"id", "attack", "form", "answer", "rumour_recovered"} <= set(one[0])
     assert one[1]["answer"].startswith("He is going to play for")
-    batch = _rumour_rows(rows, "mcq") + _rumour_rows(rows, "gen", "text")
+    batch = _rumour_rows(rows, "mcq")[:3] + _rumour_rows(rows, "gen", "text")[:3]
     records = run_attacks(model, processor, batch, max_new_tokens=8)  # the untrained model never stops early
     with_image = [r for r in batch if r["image"] is not None]
     assert len(records) == sum(len(with_image if n in IMAGE_ATTACKS else batch) for n in ATTACKS)

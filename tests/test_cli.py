@@ -24,7 +24,7 @@ def data(tmp_path_factory):
 def vanilla(data, tmp_path_factory):
     work = tmp_path_factory.mktemp("work")
     code = main(["finetune", "--data", str(data), "--model", "tiny", "--out", str(work / "vanilla"),
-                 "--epochs", "2", "--lr", "3e-3", "--set", "train.batch_size=16"])
+                 "--epochs", "2", "--lr", "3e-3", "--phrasings", "1", "--set", "train.batch_size=16"])
     assert code == 0
     return work / "vanilla"
 

@@ -127,7 +127,7 @@ PROMPT_ATTACKS_ONLY = {"attacks": [a for a in ATTACKS if a not in IMAGE_ATTACKS]
 ASSERTED = ("1 unimodal fails on the image form", "3 selective spares the shared questions", "4 relearning brings rumours back")
 
 
-@pytest.mark.slow
+@pytest.mark.manual
 def test_tiny_matrix_findings_over_three_seeds(quickstart_run, tmp_path):
     """`--recipe tiny --seeds 3` on the quickstart's vanilla model: every method × scenario, then the
     complete scenario under the prompt attacks (about 60 minutes on 2 quiet cores). Findings 1, 3 and 4
