@@ -46,6 +46,7 @@ def test_an_untrained_model_is_flagged(untrained):
     assert all(0.25 < check[split]["chance"] < check[split]["threshold"] for split in QUESTIONS)
 
 
+@pytest.mark.slow  # trains a vanilla model through the CLI (about 90 s): the quickstart's path
 def test_finetune_records_a_passing_check(trained):
     check = json.loads((trained / "manifest.json").read_text())["vanilla_check"]
     assert check["learned"], check
