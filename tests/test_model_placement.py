@@ -212,21 +212,23 @@ def test_a_full_model_vanilla_reference_under_zero3_is_refused_with_the_way_out(
     assert not (tmp_path / "npo").exists()  # nothing half-written
 
 
-def test_the_gpu_check_runs_on_cpu_with_the_tiny_model():
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_the_gpu_check_runs_on_cpu_with_the_tiny_model(nproc):
     """bench/gpu_check.py is for a CUDA machine; --tiny runs the same code on the CPU so it cannot rot,
-    its torchrun step (--nproc) too, with gloo."""
+    its torchrun step (--nproc) too, with gloo (slow tier: two more ranks' start-up)."""
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "bench/gpu_check.py", "--tiny", "--steps", "2", "--nproc", "2"], capture_output=True,
+    done = subprocess.run([sys.executable, "bench/gpu_check.py", "--tiny", "--steps", "2", "--nproc", str(nproc)], capture_output=True,
                           text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
     figures = json.loads(lines[-1])
     assert any(line.startswith("zero3") for line in lines) and figures["device"] == "cpu"
-    for run in ("zero0", "zero2", "zero3", "gloo2_zero2", "gloo2_zero3"):
+    torchrun = ("gloo2_zero2", "gloo2_zero3") if nproc == 2 else ()
+    for run in ("zero0", "zero2", "zero3", *torchrun):
         assert figures[f"{run}_tokens_per_s"] > 0 and figures[f"{run}_step_s"] > 0, run
-    assert (figures["backend"], figures["nproc"]) == ("gloo", 2)
+    assert (figures.get("backend"), figures.get("nproc")) == (("gloo", 2) if nproc == 2 else (None, None))
     assert figures["eval_mcq_items_per_s"] > 0 and figures["eval_gen_items_per_s"] > 0 and figures["serve_latency_s"] > 0
     assert figures["int8_attack_copy_s"] > 0
     no_gpu = subprocess.run([sys.executable, "bench/gpu_check.py"], capture_output=True, text=True, timeout=120,
