@@ -38,17 +38,17 @@ def once_per_run(tmp_path_factory, name: str, build):
 
 @pytest.fixture(scope="session")
 def quickstart_run(tmp_path_factory):
-    """The README's main job, run once per test run: (output dir, its stdout). Later tests reuse
-    its benchmark and vanilla model instead of training another."""
+    """The README's main job as the README writes it (`--out runs/quickstart`, relative to the directory
+    it runs in), run once per test run: (output dir, its stdout). Later tests reuse its benchmark and
+    vanilla model instead of training another."""
     from pathlib import Path
 
     def build(root):
-        out = root / "run"
         env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # its unlearning sweep starts a local Ray
-        proc = subprocess.run([sys.executable, "-m", "offside.cli", "quickstart", "--out", str(out)],
-                              capture_output=True, text=True, timeout=1500, env=env)
+        proc = subprocess.run([sys.executable, "-m", "offside.cli", "quickstart", "--out", "runs/quickstart"],
+                              capture_output=True, text=True, timeout=1500, env=env, cwd=root)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        return [str(out), proc.stdout]
+        return [str(root / "runs" / "quickstart"), proc.stdout]
 
     out, stdout = once_per_run(tmp_path_factory, "quickstart", build)
     return Path(out), stdout

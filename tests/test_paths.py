@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from offside.cli import main
 
 RECORDS = ("results.json", "config.yaml", "manifest.json", "metrics.json", "best.yaml", "sweep.yaml", "trial.json", "export.json")
 
@@ -24,15 +23,12 @@ def relative_to_cwd(value, cwd: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_quickstart_with_a_relative_out_is_read_from_another_directory(tmp_path, monkeypatch):
-    """The README's command with a relative --out (4 players, one wording: the same code path, smaller)."""
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # its unlearning sweep starts a local Ray
-    (tmp_path / "elsewhere").mkdir()
+def test_quickstart_with_a_relative_out_is_read_from_another_directory(quickstart_run, tmp_path, monkeypatch):
+    """The README's command, `--out runs/quickstart` relative to where it ran (the `quickstart_run`
+    fixture), read from another directory."""
+    out, _ = quickstart_run
+    ran_in = out.parent.parent
     monkeypatch.chdir(tmp_path)
-    assert main(["quickstart", "--out", "runs/quickstart", "--players", "4", "--phrasings", "1"]) == 0
-    monkeypatch.chdir(tmp_path / "elsewhere")
-
-    out = tmp_path / "runs" / "quickstart"
     results = json.loads((out / "results.json").read_text())
     assert {r["name"] for r in results} == {"vanilla", "ga", "gd"}
     for row in results:
@@ -42,4 +38,4 @@ def test_quickstart_with_a_relative_out_is_read_from_another_directory(tmp_path,
     assert {f.parent.name for f in recorded} >= {"quickstart", "vanilla", "ga", "gd", "eval-ga", "unlearn-sweep"}
     for file in recorded:
         parsed = yaml.safe_load(file.read_text())  # JSON is YAML
-        assert relative_to_cwd(parsed, tmp_path) == [], file
+        assert relative_to_cwd(parsed, ran_in) == [], file
