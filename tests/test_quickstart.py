@@ -54,7 +54,7 @@ def test_every_stage_is_a_finished_mlflow_run(quickstart_run):
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("offside").experiment_id])
     stages = sorted(r.data.tags["stage"] for r in runs)
-    assert stages == ["eval"] * 3 + ["finetune"] + ["sweep"] + ["unlearn"] * 2
+    assert stages == ["eval"] * 3 + ["finetune", "report", "sweep"] + ["unlearn"] * 2
     assert all(r.info.status == "FINISHED" for r in runs)
     sweep = next(r for r in runs if r.data.tags["stage"] == "sweep")
     trials = [r for r in runs if r.data.tags["stage"] == "unlearn"]

@@ -19,7 +19,7 @@ from test_tune import _cli, sweep_dict
 from tune_jobs.outcome import advice, error_line, is_transient, TrialFailure
 from tune_jobs.space import check_space, estimate
 from tune_jobs.spec import sweep_from_dict
-from tune_jobs.state import GOOD_STATE, keep_experiment_state, recover_experiment_state, recover_snapshot
+from tune_jobs.state import GOOD_SNAPSHOT, GOOD_STATE, SNAPSHOT, keep_experiment_state, readable, recover_experiment_state, recover_snapshot
 from tune_jobs.sweep import checkpoint_weights
 from tune_jobs.tracking import SWEEP_TAG, TRIAL_TAG
 
@@ -152,7 +152,9 @@ def test_a_sweep_stopped_by_a_full_disk_resumes_to_completion(tmp_path, tiny_van
         assert parents[0].info.status == "FAILED" and sorted(c.info.status for c in children) == ["FAILED", "FAILED"]
         first = next(c for c in children if client.get_metric_history(c.info.run_id, "epoch"))
         run_dir = disk / "s" / "trials" / f"s-{first.data.tags[TRIAL_TAG]}"
-        registered = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"]["checkpoint_dir_name"]
+        live = run_dir / SNAPSHOT  # the full disk may have cut it short too: then its last good version counts
+        snapshot = live if readable(live) is None else run_dir / GOOD_SNAPSHOT
+        registered = json.loads(snapshot.read_text())["latest_checkpoint_result"]["checkpoint_dir_name"]
         assert len(checkpoint_weights(run_dir / registered, "epoch-001")) > 0  # the last registered checkpoint loads
 
         state = max((disk / "s").glob("experiment_state-*.json"))
