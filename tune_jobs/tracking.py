@@ -4,7 +4,7 @@ of trials that ASHA stopped (KILLED) or that failed (FAILED), which would otherw
 
 In a trial, rank 0 logs each epoch's metrics with MLflow's asynchronous logging (`MetricLog`): a
 tracking server that is down delays their delivery, not training. Every rank logs its own system
-metrics (`SystemMetrics`). Each start of a trial's workers is an attempt (`begin_attempt`): an epoch
+metrics (`SystemMetrics`), delivered the same way. Each start of a trial's workers is an attempt (`begin_attempt`): an epoch
 that a resumed attempt runs again is logged under `attempt<n>/…`, so each plain key has one value
 per epoch."""
 
@@ -52,16 +52,17 @@ def parent_run(uri: str, sweep: str, params: dict) -> str:
     return run_id
 
 
-def child_run(uri: str, parent: str, sweep: str, trial_id: str, params: dict, tags: dict[str, str]) -> str:
+def child_run(uri: str, parent: str, sweep: str, trial_id: str, params: dict, tags: dict[str, str]) -> tuple[str, int]:
+    """The trial's child run (reopened as RUNNING when the trial restarts): (run id, its start time in ms)."""
     client = MlflowClient(uri)
     run_id = _find(client, {SWEEP_TAG: sweep, TRIAL_TAG: trial_id})
     if run_id:
         client.update_run(run_id, status="RUNNING")
-        return run_id
+        return run_id, client.get_run(run_id).info.start_time
     all_tags = {"mlflow.parentRunId": parent, SWEEP_TAG: sweep, TRIAL_TAG: trial_id, **tags}
-    run_id = client.create_run(experiment_id(client), run_name=f"{sweep}-{trial_id}", tags=all_tags).info.run_id
-    log_params(client, run_id, params)
-    return run_id
+    info = client.create_run(experiment_id(client), run_name=f"{sweep}-{trial_id}", tags=all_tags).info
+    log_params(client, info.run_id, params)
+    return info.run_id, info.start_time
 
 
 def trial_runs(uri: str, sweep: str) -> dict[str, object]:
@@ -87,8 +88,9 @@ class MetricLog:
         self._pending: list[tuple[list[Metric], list[RunTag], Future]] = []
         self._waiter = ThreadPoolExecutor(1, thread_name_prefix="offside-mlflow-delivery")
 
-    def log(self, metrics: dict[str, float], step: int, timestamp_ms: int, tags: dict[str, str] | None = None) -> None:
+    def log(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None, tags: dict[str, str] | None = None) -> None:
         self._resend_failed()
+        timestamp_ms = timestamp_ms or _now_ms()
         batch = [Metric(k, float(v), timestamp_ms, step) for k, v in metrics.items() if isinstance(v, (int, float))]
         self._send(batch, [RunTag(k, str(v)) for k, v in (tags or {}).items()])
 
@@ -186,51 +188,73 @@ def begin_attempt(directory: Path, from_epoch: int) -> Attempt:
 
 class SystemMetrics:
     """One training rank's CPU, memory, disk, network and (where present) its own GPU's utilisation
-    and memory, logged by MLflow's SystemMetricsMonitor as `system/rank<r>/…` in the trial's run
-    (MLflow's MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING acts only on runs started with mlflow.start_run).
-    The monitor stops when it cannot reach the tracking server; `keep_running` (each epoch end)
-    starts it again, its steps continuing."""
+    and memory, sampled by MLflow's system-metrics monitors every `interval_s` in a thread and logged as
+    `system/rank<r>/…` in the trial's run through a `MetricLog`: a tracking server that is down delays
+    their delivery, as it does the epochs' metrics, and loses none. (MLflow's own SystemMetricsMonitor
+    asks the server for the run's status before every sample and waits out minutes of retries when it
+    is down, sampling nothing; MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING acts only on runs started with
+    mlflow.start_run.) A sample's step is the number of intervals since the run started, so the ranks'
+    samples line up and a resumed trial's follow its earlier ones."""
 
-    def __init__(self, uri: str, run_id: str, rank: int, interval_s: float):
-        self.uri, self.run_id, self.rank, self.interval_s = uri, run_id, rank, interval_s
-        self.monitor = self._start(step=None)
+    def __init__(self, uri: str, run_id: str, rank: int, interval_s: float, run_start_ms: int, spill: Path):
+        self.prefix, self.interval_s, self.run_start_ms = f"system/rank{rank}/", interval_s, run_start_ms
+        self.monitors = _system_monitors()
+        self.log = MetricLog(uri, run_id, spill)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True, name=f"offside-system-metrics-rank{rank}")
+        self._thread.start()
 
-    def _start(self, step: int | None):
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            metrics = {}
+            for monitor in self.monitors:
+                monitor.collect_metrics()
+                metrics.update(monitor.aggregate_metrics())
+                monitor.clear_metrics()
+            now = _now_ms()
+            step = int((now - self.run_start_ms) / (self.interval_s * 1000))
+            self.log.log({self.prefix + k: v for k, v in metrics.items()}, step, now)
 
-        # resume_logging reads the run's last system step (one call), so a resumed trial's samples follow its earlier ones.
-        monitor = SystemMetricsMonitor(self.run_id, sampling_interval=self.interval_s, node_id=f"rank{self.rank}",
-                                       tracking_uri=self.uri, resume_logging=step is None)
-        if step is not None:
-            monitor._logging_step = step
-        _own_gpu_only(monitor)
-        monitor.start()
-        return monitor
-
-    def keep_running(self) -> None:
-        thread = self.monitor._process
-        if thread is None or not thread.is_alive():
-            self.monitor = self._start(step=self.monitor._logging_step)
-
-    def finish(self, wait_s: float = 10) -> None:
-        """Stops sampling and sends the last samples, unless the monitor is stuck on a tracking server
-        that does not answer (its thread is a daemon: it ends with the process)."""
-        self.monitor._shutdown_event.set()
-        thread = self.monitor._process
-        if thread is not None:
-            thread.join(wait_s)
-        if thread is None or not thread.is_alive():
-            self.monitor.finish()
+    def finish(self, timeout_s: float = 10) -> None:
+        """Stops sampling and delivers what is pending, leaving to the spill file what the tracking
+        server does not take within `timeout_s`."""
+        self._stop.set()
+        self._thread.join()
+        self.log.close(timeout_s)
 
 
-def _own_gpu_only(monitor) -> None:
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _system_monitors() -> list:
+    """MLflow's CPU/memory, disk and network monitors, and its NVIDIA (else AMD) GPU monitor where
+    one starts, keeping only this rank's own GPU."""
+    from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
+    from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
+    from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+    from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
+    from mlflow.system_metrics.metrics.rocm_monitor import ROCMMonitor
+
+    monitors = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
+    for gpu_monitor in (GPUMonitor, ROCMMonitor):
+        try:
+            monitors.append(gpu_monitor())
+            break
+        except Exception:  # no such GPU, or no NVML/ROCm library
+            continue
+    _own_gpu_only(monitors)
+    return monitors
+
+
+def _own_gpu_only(monitors: list) -> None:
     """NVML lists every GPU of the node; keep the one this rank trains on (matched by UUID), so each
     rank's `system/rank<r>/gpu_0_*` is its own GPU."""
     import torch
 
     from offside.models.loading import resolve_device
 
-    gpus = [m for m in monitor.monitors if hasattr(m, "gpu_handles")]
+    gpus = [m for m in monitors if hasattr(m, "gpu_handles")]
     if not gpus or not torch.cuda.is_available():
         return
     import pynvml

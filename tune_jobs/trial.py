@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 from offside.config import from_dict
@@ -39,7 +38,7 @@ def run_trial(sample: dict, static: dict) -> None:
 
     trial_id = ray.tune.get_context().get_trial_id()
     settings = apply_sample(static["base"], sample)
-    run_id = tracking.child_run(
+    run_id, run_start_ms = tracking.child_run(
         static["tracking_uri"], static["parent_run"], static["sweep"], trial_id, {"sample": sample, **settings},
         {"stage": "unlearn", "method": settings["method"], "scenario": static["scenario"]},
     )
@@ -50,7 +49,7 @@ def run_trial(sample: dict, static: dict) -> None:
     per_worker = {"CPU": res["cpus_per_worker"], **({"GPU": res["gpus_per_worker"]} if res["gpus_per_worker"] else {})}
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={**static, "settings": settings, "run_id": run_id, "trial_id": trial_id},
+        train_loop_config={**static, "settings": settings, "run_id": run_id, "run_start_ms": run_start_ms, "trial_id": trial_id},
         scaling_config=ray.train.ScalingConfig(num_workers=res["workers"], use_gpu=bool(res["gpus_per_worker"]),
                                                resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(
@@ -93,11 +92,12 @@ def train_worker(cfg: dict) -> None:
             shutil.copytree(directory, local, dirs_exist_ok=True)
     start_epoch = _checkpoint_epoch(local)
     _record_worker(cfg, rank, start_epoch)
-    system = tracking.SystemMetrics(cfg["tracking_uri"], cfg["run_id"], rank, cfg["system_metrics_s"]) if cfg["system_metrics_s"] else None
+    system = tracking.SystemMetrics(cfg["tracking_uri"], cfg["run_id"], rank, cfg["system_metrics_s"], cfg["run_start_ms"],
+                                    _worker_dir(cfg) / f"undelivered-system-rank{rank}-{os.getpid()}.jsonl") if cfg["system_metrics_s"] else None
     if rank == 0:
         attempt = tracking.begin_attempt(_worker_dir(cfg), start_epoch)
         mlflow_log = tracking.MetricLog(cfg["tracking_uri"], cfg["run_id"], _worker_dir(cfg) / f"undelivered-{attempt.number}.jsonl")
-        mlflow_log.log({}, 0, _now_ms(), tags=attempt.tags())
+        mlflow_log.log({}, 0, tags=attempt.tags())
 
     def on_epoch(epoch: int, module, logs: dict) -> dict:
         metrics, _ = evaluate(module, processor, eval_rows, eval_spec, progress=False)
@@ -106,10 +106,8 @@ def train_worker(cfg: dict) -> None:
         metrics.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
         metrics["objective"] = objective_value(metrics, objective)
         if rank == 0:  # asynchronous: a tracking server that is down does not hold training up
-            mlflow_log.log(attempt.keys(epoch, metrics), step=epoch, timestamp_ms=_now_ms())
+            mlflow_log.log(attempt.keys(epoch, metrics), step=epoch)
             attempt.logged(epoch)
-        if system:
-            system.keep_running()
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(local)))
         _record_worker(cfg, rank, epoch)
         return {}
@@ -122,10 +120,6 @@ def train_worker(cfg: dict) -> None:
             system.finish()
         if rank == 0:
             mlflow_log.close()
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _checkpoint_epoch(directory: Path) -> int:
