@@ -17,6 +17,20 @@ import sys  # noqa: E402
 import pytest  # noqa: E402
 
 
+# The files that take longest (CONTRIBUTING.md's tables), longest first: pytest-xdist hands files out
+# in collection order (`--no-loadscope-reorder`), so its workers start on the long ones and end
+# together, instead of one worker finishing a long file alone at the end of the run.
+LONGEST_FIRST = ("test_quickstart.py", "test_real_scale.py", "test_tune.py", "test_eval_golden.py", "test_serve.py",
+                 "test_cluster_multinode.py", "test_distributed.py", "test_sweep_faults.py", "test_model_placement.py",
+                 "test_matrix.py", "test_engine_distributed.py", "test_serve_chat.py", "test_cluster_jobs.py",
+                 "test_registry.py", "test_sanity.py", "test_serve_lm_eval.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 def once_per_run(tmp_path_factory, name: str, build):
     """What `build(directory)` returns (JSON-able), built once per test run: under pytest-xdist the
     workers share one directory, the first to get here builds under a lock and the others reuse it."""

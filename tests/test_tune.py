@@ -103,19 +103,19 @@ def test_existing_sweep_name_is_refused_without_resume(tmp_path, tiny_vanilla):
         run_sweep(config)
 
 
-def test_four_trial_asha_sweep_of_deepspeed_pairs(tmp_path, tiny_vanilla, local_ray_env, monkeypatch):
+def test_three_trial_asha_sweep_of_deepspeed_pairs(tmp_path, tiny_vanilla, local_ray_env, monkeypatch):
     data, vanilla = tiny_vanilla
-    config = sweep_from_dict(sweep_dict(tmp_path, data, vanilla, train={"epochs": 3, "lr": 4e-4, "batch_size": 8}, system_metrics_s=1))
+    config = sweep_from_dict(sweep_dict(tmp_path, data, vanilla, train={"epochs": 3, "lr": 4e-4, "batch_size": 8},
+                                        num_samples=3, system_metrics_s=1))
     result = run_sweep(config, verbose=0)
-    assert result.complete and len(result.trials) == 4
+    assert result.complete and len(result.trials) == 3
     assert all(row["status"] == "TERMINATED" for row in result.trials)
-    # ASHA (grace 1, factor 2) stops the weaker trials early: fewer trial-epochs than 4 × 3.
-    assert 4 <= sum(row["epochs_run"] for row in result.trials) <= 12
+    assert all(1 <= row["epochs_run"] <= 3 for row in result.trials)  # ASHA (grace 1, factor 2) may stop a trial after any epoch
 
     client, runs = sweep_runs(tmp_path / "tune", "s")
     parents = [r for r in runs if r.data.tags.get("stage") == "sweep"]
     children = [r for r in runs if TRIAL_TAG in r.data.tags]
-    assert len(parents) == 1 and len(children) == 4
+    assert len(parents) == 1 and len(children) == 3
     assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
     assert {r.info.status for r in runs} <= {"FINISHED", "KILLED"} and parents[0].info.status == "FINISHED"
     for child in children:  # per-epoch metrics, one value per epoch the trial ran
@@ -226,7 +226,7 @@ def test_killed_worker_resumes_its_trial_from_the_checkpoint(tmp_path, tiny_vani
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, tiny_vanilla, local_ray_env):
     data, vanilla = tiny_vanilla
-    grid = [1e-4, 3e-4, 1e-3]
+    grid = [1e-4, 1e-3]
     config = sweep_dict(tmp_path, data, vanilla, search="grid", search_space={"train.lr": {"grid": grid}}, scheduler={"name": "fifo"},
                         resources={"workers": 1, "max_concurrent": 1, "local_cpus": 4})
     path = tmp_path / "resume.yaml"
@@ -256,7 +256,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, t
     assert resumed.returncode == 0, out[-3000:]
     client, runs = sweep_runs(tmp_path / "tune", "s")
     children = [r for r in runs if TRIAL_TAG in r.data.tags]
-    assert len(children) == 3 and all(r.info.status == "FINISHED" for r in children)
+    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
     assert sorted(float(r.data.params["train.lr"]) for r in children) == grid  # each grid point once, none repeated
     for done in first:  # finished before the interruption: not run again
         again = next(r for r in children if r.info.run_id == done.info.run_id)
