@@ -135,6 +135,10 @@ def test_a_sweep_stopped_by_a_full_disk_resumes_to_completion(tmp_path, tiny_van
     (tmp_path / "mlflow").mkdir()
     server, uri = start_mlflow(tmp_path / "mlflow")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # Train takes a worker's report when it polls the workers (every 2 s by default); an epoch of the
+    # tiny model is shorter, and a worker that fails before the poll takes its last report loses it
+    # (Train restarts from the checkpoint before). Polling more often registers the first epoch first.
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     disk = tmp_path / "disk"
     mounted, procs = _mount_tmpfs(disk, "24m"), []
     try:
