@@ -40,6 +40,42 @@ def test_two_ranks_share_one_model(tmp_path):
     assert ranks[0]["losses"] == ranks[1]["losses"]  # each rank saw its own shard; the logs are the global batch's
 
 
+def _resuming_worker(rank: int, world: int, port: int, out: str) -> None:
+    """As a trial's ranks after a restart: epoch 1 checkpointed into one merged directory, then each rank
+    resumes from its own copy of it (Ray Train restores every rank from the merged checkpoint) and
+    checkpoints epoch 2 into its own directory."""
+    import shutil  # noqa: PLC0415
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from test_engine import _rows  # noqa: PLC0415
+
+    from offside.engine.finetune import FineTune
+    from offside.engine.trainer import TrainSpec, train
+    from offside.models.loading import ModelSpec, build_or_load
+
+    rows = _rows(8)
+    model, processor = build_or_load(ModelSpec("tiny"), [r["question"] for r in rows] + [r["answer"] for r in rows], seed=0)
+    merged, own = Path(out) / "merged", Path(out) / f"rank{rank}"
+    train(model, processor, FineTune(), {"train": rows}, TrainSpec(epochs=1, batch_size=2), checkpoint_dir=merged, progress=False)
+    dist.barrier()
+    shutil.copytree(merged, own)
+    train(model, processor, FineTune(), {"train": rows}, TrainSpec(epochs=2, batch_size=2), checkpoint_dir=own,
+          resume=True, progress=False)
+    dist.destroy_process_group()
+
+
+def test_every_resumed_rank_names_its_newest_checkpoint_as_latest(tmp_path):
+    """A rank's checkpoint directory is uploaded into the trial's merged checkpoint, so each one's
+    `latest` must name the epoch it just saved, not the one it was restored from."""
+    run_ranks(_resuming_worker, tmp_path)
+    for rank in range(2):
+        own = tmp_path / f"rank{rank}"
+        assert (own / "latest").read_text() == "epoch-002", rank
+        assert sorted(p.name for p in own.glob("epoch-*")) == ["epoch-002"], rank
+
+
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "groups": ["language", "vision"]}
 
 

@@ -380,8 +380,13 @@ def _save_checkpoint(engine, root: Path, epoch: int, keep: int, objective: Objec
     state = {"epoch": epoch + 1, "torch_rng": torch.get_rng_state(), "objective": objective.state_dict()}
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state()
-    engine.save_checkpoint(str(root), tag=f"epoch-{epoch + 1:03d}", client_state=state,
-                           exclude_frozen_parameters=_has_frozen(engine.module))
+    tag = f"epoch-{epoch + 1:03d}"
+    engine.save_checkpoint(str(root), tag=tag, client_state=state, exclude_frozen_parameters=_has_frozen(engine.module))
+    if engine.global_rank != 0:
+        # DeepSpeed writes `latest` on rank 0 only. A rank resumed from a copy of a trial's merged
+        # checkpoint (Ray Train restores every rank from it) would keep the old tag, and its upload into
+        # the next merged checkpoint could overwrite rank 0's with a tag since pruned.
+        (root / "latest").write_text(tag)
     if keep > 0:
         tags = sorted(p for p in root.glob("epoch-*") if p.is_dir())
         for old in tags[:-keep]:
