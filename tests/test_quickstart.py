@@ -42,6 +42,12 @@ def test_vanilla_knows_the_benchmark_and_recognises_players(quickstart_run):
     assert vanilla["test/image/all/mcq_acc"] >= 0.6
 
 
+def test_finetune_records_a_passing_vanilla_check(quickstart_run):
+    check = json.loads((quickstart_run[0] / "vanilla" / "manifest.json").read_text())["vanilla_check"]
+    assert check["learned"], check
+    assert all(check[split]["mcq_acc"] >= check[split]["threshold"] for split in ("forget", "retain"))
+
+
 def test_ga_forgets_and_gd_keeps_more_than_ga(quickstart_run):
     rows = json.loads((quickstart_run[0] / "results.json").read_text())
     vanilla, ga, gd = (_row(rows, n) for n in ("vanilla", "ga", "gd"))
