@@ -22,7 +22,7 @@ from tune_jobs.search import BestSoFarASHA, ShuffledGrid, replay
 from tune_jobs.space import estimate
 from tune_jobs.spec import load_sweep, sweep_from_dict
 from tune_jobs.state import GOOD_SNAPSHOT
-from tune_jobs.sweep import run_sweep
+from tune_jobs.sweep import export_model, run_sweep
 from tune_jobs.tracking import SWEEP_TAG, TRIAL_TAG
 
 
@@ -35,6 +35,15 @@ def sweep_dict(tmp_path, data, vanilla, **extra):
         "epoch_eval": {"splits": ["forget", "retain", "test"], "forms": ["mcq"], "limit": 6},
     }
     return base | extra
+
+
+def test_export_refuses_a_checkpoint_whose_latest_epoch_is_missing(tmp_path):
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "latest").write_text("epoch-001")
+    row = {"checkpoint_path": str(tmp_path / "checkpoint"), "trial_id": "t0", "settings": {}}
+    with pytest.raises(OffsideError, match="names epoch 'epoch-001' as latest but holds no such epoch"):
+        export_model(row, sweep_from_dict(sweep_dict(tmp_path, "d", "v"), "s.yaml"), tmp_path / "best_model")
+    assert not (tmp_path / "best_model").exists()
 
 
 def sweep_runs(storage: Path, name: str):

@@ -440,11 +440,14 @@ def export_model(row: dict, config: SweepConfig, out: Path) -> Path:
     latest = checkpoint / "latest"
     if not latest.exists():
         raise OffsideError(f"trial {row['trial_id']}: its best checkpoint {checkpoint} is gone or not a DeepSpeed checkpoint")
+    tag = latest.read_text().strip()
+    if not (checkpoint / tag).is_dir():
+        raise OffsideError(f"trial {row['trial_id']}: its best checkpoint {checkpoint} names epoch {tag!r} as latest but holds no such epoch")
     settings = row["settings"]
     lora = from_dict(LoraSpec, settings["lora"]) if settings.get("lora") else None
     model, processor = build_or_load(ModelSpec(config.vanilla, dtype=config.dtype, device=config.device,
                                                freeze_vision=config.freeze_vision, lora=lora))  # as the trial built it
-    load_trained(model, checkpoint_weights(checkpoint, latest.read_text().strip()), row["trial_id"])
+    load_trained(model, checkpoint_weights(checkpoint, tag), row["trial_id"])
     tmp = out.parent / f".{out.name}.partial"
     tmp.mkdir(parents=True, exist_ok=True)
     save(model, processor, tmp)
