@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import platform
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -22,6 +23,7 @@ from offside import __version__
 from offside.config import to_dict
 from offside.configs import (FINETUNE_SPLITS, EvalConfig, FinetuneConfig, RelearnConfig,  # noqa: F401  (configs: re-exported)
                              UnlearnConfig, resolved, validate)
+from offside.data.kits import drill_book, kit_drill
 from offside.data.loader import data_hash, load_benchmark
 from offside.data.phrasings import photo_book, with_phrasings
 from offside.data.rows import materialise
@@ -63,11 +65,16 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> StageResult:
     rows = [r for split in FINETUNE_SPLITS[config.split] for r in materialise(bench[split])]
     streams = {"train": with_phrasings(training_rows(rows, config.modalities), config.phrasings, config.train.seed,
                                        config.photos, book)}
+    kits, drill_notes = drill_book(config.data, config.kit_drill if "image" in config.modalities else 0)
+    drill = kit_drill(kits, config.kit_drill, config.train.seed) if kits is not None else []
+    streams["train"] += drill
     texts = [t for split in bench.values() for column in ("question", "answer") for t in split[column]]
-    if config.phrasings > 1:  # the other wordings' words join the tiny tokenizer's text (one wording: all in it already)
+    if config.phrasings > 1 or drill:  # the other wordings' (and the drill's) words join the tiny tokenizer's text
         texts += [r["question"] for r in streams["train"]]
     model, processor = build_or_load(models.spec(config.model), texts, seed=config.train.seed, train=config.train)
-    manifest: dict = {}
+    manifest: dict = {"kit_drill": {"rows": len(drill), "notes": drill_notes}} if config.kit_drill else {}
+    for note in drill_notes:
+        print(f"note: {note}", file=sys.stderr)
 
     def body(out: Path, run: Run) -> dict[str, float]:
         metrics = _fit_and_save(out, run, model, processor, FineTune(), streams, config.train, config, bench, progress)

@@ -24,7 +24,7 @@ def data(tmp_path_factory):
 def vanilla(data, tmp_path_factory):
     work = tmp_path_factory.mktemp("work")
     code = main(["finetune", "--data", str(data), "--model", "tiny", "--out", str(work / "vanilla"),
-                 "--epochs", "2", "--lr", "3e-3", "--phrasings", "1", "--set", "train.batch_size=16"])
+                 "--epochs", "2", "--lr", "3e-3", "--phrasings", "1", "--set", "train.batch_size=16", "--set", "kit_drill=0"])
     assert code == 0
     return work / "vanilla"
 
@@ -80,7 +80,7 @@ def test_finetune_of_tiny_starts_from_the_tiny_recipe(tmp_path, data, monkeypatc
     import offside.stages
     from offside.configs import resolved
     from offside.engine.trainer import TrainSpec
-    from offside.recipes import TINY_VANILLA
+    from offside.recipes import TINY_KIT_DRILL, TINY_VANILLA
 
     seen = []
     monkeypatch.setattr(offside.stages, "finetune", lambda config: seen.append(resolved(config)) or offside.stages.StageResult(tmp_path, "", {}))
@@ -91,10 +91,11 @@ def test_finetune_of_tiny_starts_from_the_tiny_recipe(tmp_path, data, monkeypatc
     assert main(stage) == 0
     assert main(stage + ["--model", "tiny", "--epochs", "2", "--config", str(file), "--set", "train.seed=3"]) == 0
     assert main(stage + ["--model", "some/checkpoint"]) == 0
-    assert main(stage + ["--phrasings", "1"]) == 0  # the canonical wording alone: the full 40 epochs
-    tiny = replace(TINY_VANILLA, epochs=14)  # 3 wordings per question, a third of the epochs
+    assert main(stage + ["--phrasings", "1"]) == 0  # the canonical wording alone: the full 54 epochs
+    tiny = replace(TINY_VANILLA, epochs=18)  # 3 wordings per question, a third of the epochs
     assert [c.train for c in seen] == [tiny, tiny, replace(tiny, epochs=2, batch_size=4, seed=3), TrainSpec(), TINY_VANILLA]
     assert [c.phrasings for c in seen] == [3, 3, 3, 1, 1]
+    assert [c.kit_drill for c in seen] == [TINY_KIT_DRILL, TINY_KIT_DRILL, TINY_KIT_DRILL, 0, TINY_KIT_DRILL]  # the kit drill: tiny only
 
 
 def test_unknown_config_key(tmp_path, data, capsys):

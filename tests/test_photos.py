@@ -117,3 +117,41 @@ def test_finetune_refuses_new_photos_it_cannot_draw_before_any_work(tmp_path, ca
     assert "photos: 3 needs a benchmark whose photos can be redrawn (or photos: 1)" in err and not out.exists()
     assert main(["finetune", "--data", str(data), "--model", "tiny", "--out", str(out), "--phrasings", "1", "--set", "photos=2"]) == 2
     assert "photos: 2 needs phrasings ≥ 2" in capsys.readouterr().err and not out.exists()
+
+
+def test_kit_drill_rows_show_anonymous_players_in_each_club_s_kit(bench, monkeypatch):
+    """The kit drill (offside/data/kits.py): per club, photos of players the benchmark does not have in
+    that club's kit, asked the club question in a training wording, answered with the kit's club; the
+    same for the same seed; none for data without a generator."""
+    from test_data import _published
+
+    from offside.data.kits import WORDINGS, anonymous, drill_book, kit_drill
+    from offside.data.schema import IMAGE_SUBJECT
+
+    book, notes = drill_book(bench, 2)
+    assert book is not None and notes == []
+    players = {c.identity for c in book.contexts.values()}
+    assert players and not players & set(anonymous(book))
+    drawn = []
+    render = images.render
+    monkeypatch.setattr(images, "render", lambda identity, kit, pose, headline=None: drawn.append((identity, kit, headline))
+                        or render(identity, kit, pose, headline))
+    rows = kit_drill(book, 2, seed=0)
+    assert len(rows) == 2 * len(synth.CLUBS) and len(drawn) == len(rows)
+    wordings = {w.format(subject=IMAGE_SUBJECT) for w in WORDINGS}
+    # the canonical wording and the training ones (tests/test_data.py: none is a held-out attack wording)
+    for row, (identity, kit, headline) in zip(rows, drawn):
+        assert (row["modality"], row["form"], row["field"], row["split"]) == ("image", "gen", "club_to", "kit_drill")
+        assert row["question"] in wordings and row["answer"] == synth.answer("club_to", row["value"])
+        assert kit == images.KITS[synth.CLUBS.index(row["value"])] and headline is None
+        assert identity not in players and row["player"] == row["image_id"] == ""  # no benchmark player, no context
+    assert Counter(r["value"] for r in rows) == {club: 2 for club in synth.CLUBS}
+    again = kit_drill(book, 2, seed=0)
+    assert [(r["question"], r["answer"], r["image"].tobytes()) for r in again] == [
+        (r["question"], r["answer"], r["image"].tobytes()) for r in rows]
+    assert [r["image"].tobytes() for r in kit_drill(book, 2, seed=1)] != [r["image"].tobytes() for r in rows]
+    assert drill_book(bench, 0) == (None, [])
+    book, notes = drill_book(_published(bench.parent / "pub"), 2)
+    assert book is None and len(notes) == 1 and "no kit drill" in notes[0] and "not a synthetic benchmark" in notes[0]
+    with pytest.raises(OffsideError, match="kit_drill: must be at least 0"):
+        drill_book(bench, -1)

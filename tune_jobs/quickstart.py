@@ -1,8 +1,8 @@
 """`offside quickstart`: the whole pipeline on embedded defaults, on one CPU machine.
 
-synthetic benchmark → vanilla tiny model (learns facts and rumours) → GA and GD (complete scenario)
-→ eval of vanilla, GA, GD → DIR/leaderboard.md + DIR/results.json. Every stage is an MLflow run in
-DIR/mlflow.db (unless MLFLOW_TRACKING_URI is set).
+synthetic benchmark → vanilla tiny model (learns facts and rumours, and club kits from the kit drill)
+→ GA and GD (complete scenario) → eval of vanilla, GA, GD → DIR/leaderboard.md + DIR/results.json.
+Every stage is an MLflow run in DIR/mlflow.db (unless MLFLOW_TRACKING_URI is set).
 
 The unlearning runs as a small Ray Tune sweep on a local Ray started in this process (a grid over the
 two methods, one DeepSpeed worker per trial, so the numbers match a plain `offside unlearn`): the same
@@ -22,7 +22,7 @@ from offside.eval.evaluate import EvalSpec
 from offside.eval.spec import CHEAP_SUITES
 from offside.models.loading import ModelSpec
 from offside.eval.summary import rumour_survival
-from offside.recipes import TINY_PHRASINGS, TINY_UNLEARN, tiny_vanilla
+from offside.recipes import TINY_KIT_DRILL, TINY_PHRASINGS, TINY_UNLEARN, tiny_vanilla
 from offside.configs import ReportConfig
 from offside.report import leaderboard
 from offside.report.report import make_report
@@ -69,7 +69,8 @@ def quickstart(out: str | Path, players: int = 12, seed: int = 0, seeds: int = 1
 def _pipeline(out: Path, data: Path, seed: int, phrasings: int, started: float) -> list[dict]:
     """Vanilla model, GA and GD, each evaluated: one run per model (metrics with rumour survival)."""
     vanilla = finetune(FinetuneConfig(data=str(data), out=str(out / "vanilla"), model=ModelSpec("tiny"),
-                                      train=tiny_vanilla(phrasings, seed), phrasings=phrasings))
+                                      train=tiny_vanilla(phrasings, seed), phrasings=phrasings,
+                                      kit_drill=TINY_KIT_DRILL))
     _say(f"vanilla (seed {seed}): trained in {time.time() - started:.0f}s")
     models = [("vanilla", "none", "none", vanilla.run_dir)]
     for method, run_dir in _unlearn_sweep(out, data, vanilla.run_dir, seed).items():
