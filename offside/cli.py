@@ -68,7 +68,9 @@ def _flags() -> dict[str, dict[str, Flag]]:
                      "phrasings": Flag("phrasings", "wordings per training question (the canonical one + others)", int,
                                        choices=tuple(range(1, MAX_PHRASINGS + 1))),
                      "photos": Flag("photos", "photos of each retain context: the published one + new ones drawn in the "
-                                    "same kit, shown with the other wordings (synthetic benchmarks; needs phrasings ≥ 2)", int)},
+                                    "same kit, shown with the other wordings (synthetic benchmarks; needs phrasings ≥ 2)", int),
+                     "kit_drill": Flag("kit_drill", "photos per club of anonymous players in its kit, asked the club question, "
+                                       "so that the tiny model learns to read kits (synthetic benchmarks; 100 measured)", int)},
         "unlearn": {"data": data, "out": out, "model": trained, "dtype": dtype, "device": device,
                     "method": Flag("method", "unlearning method (offside/unlearn/)", choices=tuple(method_names())),
                     "scenario": Flag("scenario", "what is forgotten: complete (all 14 questions of each forget image), selective "

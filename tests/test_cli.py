@@ -24,7 +24,7 @@ def data(tmp_path_factory):
 def vanilla(data, tmp_path_factory):
     work = tmp_path_factory.mktemp("work")
     code = main(["finetune", "--data", str(data), "--model", "tiny", "--out", str(work / "vanilla"),
-                 "--epochs", "2", "--lr", "3e-3", "--phrasings", "1", "--set", "train.batch_size=16", "--set", "kit_drill=0"])
+                 "--epochs", "2", "--lr", "3e-3", "--phrasings", "1", "--set", "train.batch_size=16"])
     assert code == 0
     return work / "vanilla"
 
@@ -80,7 +80,7 @@ def test_finetune_of_tiny_starts_from_the_tiny_recipe(tmp_path, data, monkeypatc
     import offside.stages
     from offside.configs import resolved
     from offside.engine.trainer import TrainSpec
-    from offside.recipes import TINY_KIT_DRILL, TINY_VANILLA
+    from offside.recipes import TINY_KIT_DRILL_EPOCHS, TINY_VANILLA
 
     seen = []
     monkeypatch.setattr(offside.stages, "finetune", lambda config: seen.append(resolved(config)) or offside.stages.StageResult(tmp_path, "", {}))
@@ -91,11 +91,14 @@ def test_finetune_of_tiny_starts_from_the_tiny_recipe(tmp_path, data, monkeypatc
     assert main(stage) == 0
     assert main(stage + ["--model", "tiny", "--epochs", "2", "--config", str(file), "--set", "train.seed=3"]) == 0
     assert main(stage + ["--model", "some/checkpoint"]) == 0
-    assert main(stage + ["--phrasings", "1"]) == 0  # the canonical wording alone: the full 54 epochs
-    tiny = replace(TINY_VANILLA, epochs=18)  # 3 wordings per question, a third of the epochs
-    assert [c.train for c in seen] == [tiny, tiny, replace(tiny, epochs=2, batch_size=4, seed=3), TrainSpec(), TINY_VANILLA]
-    assert [c.phrasings for c in seen] == [3, 3, 3, 1, 1]
-    assert [c.kit_drill for c in seen] == [TINY_KIT_DRILL, TINY_KIT_DRILL, TINY_KIT_DRILL, 0, TINY_KIT_DRILL]  # the kit drill: tiny only
+    assert main(stage + ["--phrasings", "1"]) == 0  # the canonical wording alone: the full 40 epochs
+    assert main(stage + ["--kit-drill", "100"]) == 0  # the kit drill's recipe: 54 epochs, a third of them
+    assert main(stage + ["--model", "some/checkpoint", "--kit-drill", "100"]) == 0
+    tiny = replace(TINY_VANILLA, epochs=14)  # 3 wordings per question, a third of the epochs
+    assert [c.train for c in seen] == [tiny, tiny, replace(tiny, epochs=2, batch_size=4, seed=3), TrainSpec(), TINY_VANILLA,
+                                       replace(tiny, epochs=TINY_KIT_DRILL_EPOCHS // 3), TrainSpec()]
+    assert [c.phrasings for c in seen] == [3, 3, 3, 1, 1, 3, 1]
+    assert [c.kit_drill for c in seen] == [0, 0, 0, 0, 0, 100, 100]
 
 
 def test_unknown_config_key(tmp_path, data, capsys):
@@ -237,6 +240,8 @@ def test_argument_and_config_errors_come_before_any_heavy_import(tmp_path):
         "argument --phrasings: invalid choice: 9": ["finetune", "--data", data, "--out", new, "--phrasings", "9"],
         "unknown scenario 'partial'": ["matrix", "--data", data, "--model", model, "--out", new, "--scenarios", "complete,partial"],
         "used: already exists": ["quickstart", "--out", str(used)],
+        "kit_drill: must be at least 0 (no drill), got -1": ["finetune", "--data", data, "--out", new, "--kit-drill", "-1"],
+        "kit_drill: must be at least 0 (no drill), got -2": ["quickstart", "--out", new, "--kit-drill", "-2"],
         "not an eval run directory": ["report", "--runs", str(tmp_path), "--out", new],
         "/no/such/adapter: no such directory": ["export", "--model", "/no/such/adapter", "--out", new],
         "nodata: benchmark directory not found": ["data", "stats", str(tmp_path / "nodata")],

@@ -155,3 +155,25 @@ def test_kit_drill_rows_show_anonymous_players_in_each_club_s_kit(bench, monkeyp
     assert book is None and len(notes) == 1 and "no kit drill" in notes[0] and "not a synthetic benchmark" in notes[0]
     with pytest.raises(OffsideError, match="kit_drill: must be at least 0"):
         drill_book(bench, -1)
+
+
+def test_finetune_trains_on_the_kit_drill_and_records_it(bench, tmp_path, capsys):
+    """`--kit-drill N` adds N rows per club to the fine-tune's training stream (one epoch takes their
+    steps too) and records them in manifest.json; data without a generator trains without, with a note."""
+    import math
+
+    from test_data import _published
+
+    from offside.stages import training_rows
+
+    rows = training_rows(materialise(load_benchmark(bench)["retain"]), ["image", "text"])
+    args = ["--model", "tiny", "--split", "retain", "--epochs", "1", "--phrasings", "1", "--set", "train.batch_size=16",
+            "--kit-drill", "2"]  # a retain-only model: no vanilla check to evaluate
+    assert main(["finetune", "--data", str(bench), "--out", str(tmp_path / "drilled"), *args]) == 0
+    steps = json.loads((tmp_path / "drilled" / "metrics.json").read_text())["steps"]
+    assert steps == math.ceil((len(rows) + 2 * len(synth.CLUBS)) / 16)
+    assert json.loads((tmp_path / "drilled" / "manifest.json").read_text())["kit_drill"] == {"rows": 40, "notes": []}
+    published = _published(tmp_path / "pub")
+    assert main(["finetune", "--data", str(published), "--out", str(tmp_path / "plain"), *args]) == 0
+    drill = json.loads((tmp_path / "plain" / "manifest.json").read_text())["kit_drill"]
+    assert drill["rows"] == 0 and "no kit drill" in drill["notes"][0] and "no kit drill" in capsys.readouterr().err

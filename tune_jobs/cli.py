@@ -23,21 +23,26 @@ def add_commands(sub) -> None:
     quick.add_argument("--seed", type=int, default=0, help="the synthetic benchmark's seed")
     quick.add_argument("--seeds", type=int, default=1, help="training seeds: N vanilla models, each unlearned; mean ± 95 %% interval")
     quick.add_argument("--phrasings", type=int, default=3, choices=range(1, 5), help="wordings per training question of the vanilla model")
+    quick.add_argument("--kit-drill", type=int, default=0, metavar="N",
+                       help="kit drill photos per club in the vanilla fine-tune, so that it reads kits (100 measured; 0: none)")
     quick.set_defaults(func=cmd_quickstart)
 
 
 def cmd_quickstart(args) -> None:
+    from offside.data.kits import check_kit_drill
     from offside.data.phrasings import check_phrasings
     from offside.errors import OffsideError
     from offside.files import check_out
 
     check_out(args.out)  # the arguments are checked before torch, DeepSpeed and Ray load
     check_phrasings(args.phrasings)
+    check_kit_drill(args.kit_drill)
     if args.seeds < 1 or args.players < 1:
         raise OffsideError(f"--seeds and --players must be ≥ 1, got {args.seeds} and {args.players}")
     from tune_jobs.quickstart import quickstart
 
-    quickstart(args.out, players=args.players, seed=args.seed, seeds=args.seeds, phrasings=args.phrasings)
+    quickstart(args.out, players=args.players, seed=args.seed, seeds=args.seeds, phrasings=args.phrasings,
+               kit_drill=args.kit_drill)
 
 
 def cmd_tune(args) -> None:

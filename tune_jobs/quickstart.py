@@ -1,8 +1,8 @@
 """`offside quickstart`: the whole pipeline on embedded defaults, on one CPU machine.
 
-synthetic benchmark → vanilla tiny model (learns facts and rumours, and club kits from the kit drill)
-→ GA and GD (complete scenario) → eval of vanilla, GA, GD → DIR/leaderboard.md + DIR/results.json.
-Every stage is an MLflow run in DIR/mlflow.db (unless MLFLOW_TRACKING_URI is set).
+synthetic benchmark → vanilla tiny model (learns facts and rumours) → GA and GD (complete scenario)
+→ eval of vanilla, GA, GD → DIR/leaderboard.md + DIR/results.json. Every stage is an MLflow run in
+DIR/mlflow.db (unless MLFLOW_TRACKING_URI is set).
 
 The unlearning runs as a small Ray Tune sweep on a local Ray started in this process (a grid over the
 two methods, one DeepSpeed worker per trial, so the numbers match a plain `offside unlearn`): the same
@@ -15,6 +15,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from offside.data.kits import check_kit_drill
 from offside.data.phrasings import check_phrasings
 from offside.data.synth import generate
 from offside.errors import OffsideError
@@ -22,7 +23,7 @@ from offside.eval.evaluate import EvalSpec
 from offside.eval.spec import CHEAP_SUITES
 from offside.models.loading import ModelSpec
 from offside.eval.summary import rumour_survival
-from offside.recipes import TINY_KIT_DRILL, TINY_PHRASINGS, TINY_UNLEARN, tiny_vanilla
+from offside.recipes import TINY_PHRASINGS, TINY_UNLEARN, tiny_vanilla
 from offside.configs import ReportConfig
 from offside.report import leaderboard
 from offside.report.report import make_report
@@ -34,23 +35,26 @@ from tune_jobs.sweep import export_model, run_sweep
 QUICKSTART_METHODS = ("ga", "gd")
 
 
-def quickstart(out: str | Path, players: int = 12, seed: int = 0, seeds: int = 1, phrasings: int = TINY_PHRASINGS) -> list[dict]:
+def quickstart(out: str | Path, players: int = 12, seed: int = 0, seeds: int = 1, phrasings: int = TINY_PHRASINGS,
+               kit_drill: int = 0) -> list[dict]:
     """`seed`: the benchmark's; `seeds`: training seeds 0…seeds−1, each a vanilla model and its
     unlearning (DIR/seed<s>/ when seeds > 1), the leaderboard then showing mean ± 95 % interval over
-    them; `phrasings`: wordings per training question of the vanilla model (offside/data/phrasings.py)."""
+    them; `phrasings`: wordings per training question of the vanilla model (offside/data/phrasings.py);
+    `kit_drill`: its kit drill's photos per club (offside/data/kits.py)."""
     out = Path(out).resolve()  # every path the results, configs and manifests record is absolute
     if out.exists() and any(out.iterdir()):
         raise OffsideError(f"{out}: already exists and is not empty; choose a new --out")
     if seeds < 1:
         raise OffsideError(f"seeds must be ≥ 1, got {seeds}")
     check_phrasings(phrasings)
+    check_kit_drill(kit_drill)
     started = time.time()
     data = generate(out / "data", players=players, seed=seed)
     _say(f"data: {players} players at {data} ({time.time() - started:.0f}s)")
     runs: dict[str, list[dict]] = {}
     for train_seed in range(seeds):
         home = out / f"seed{train_seed}" if seeds > 1 else out
-        for run in _pipeline(home, data, train_seed, phrasings, started):
+        for run in _pipeline(home, data, train_seed, phrasings, kit_drill, started):
             runs.setdefault(run["name"], []).append(run)
     rows = [leaderboard.with_runs({"name": name, "method": rs[0]["method"], "scenario": rs[0]["scenario"], "seeds": seeds},
                                   [{k: v for k, v in r.items() if k not in ("name", "method", "scenario")} for r in rs])
@@ -66,11 +70,11 @@ def quickstart(out: str | Path, players: int = 12, seed: int = 0, seeds: int = 1
     return rows
 
 
-def _pipeline(out: Path, data: Path, seed: int, phrasings: int, started: float) -> list[dict]:
+def _pipeline(out: Path, data: Path, seed: int, phrasings: int, kit_drill: int, started: float) -> list[dict]:
     """Vanilla model, GA and GD, each evaluated: one run per model (metrics with rumour survival)."""
     vanilla = finetune(FinetuneConfig(data=str(data), out=str(out / "vanilla"), model=ModelSpec("tiny"),
-                                      train=tiny_vanilla(phrasings, seed), phrasings=phrasings,
-                                      kit_drill=TINY_KIT_DRILL))
+                                      train=tiny_vanilla(phrasings, seed, kit_drill), phrasings=phrasings,
+                                      kit_drill=kit_drill))
     _say(f"vanilla (seed {seed}): trained in {time.time() - started:.0f}s")
     models = [("vanilla", "none", "none", vanilla.run_dir)]
     for method, run_dir in _unlearn_sweep(out, data, vanilla.run_dir, seed).items():
