@@ -50,6 +50,7 @@ def _flags() -> dict[str, dict[str, Flag]]:
     from offside.data.schema import SCENARIOS
     from offside.eval.spec import MCQ_MODES, SUITES
     from offside.models.spec import DTYPE_CHOICES
+    from offside.recipes import TINY_KIT_DRILL
 
     data = Flag("data", "benchmark directory (`offside data synth`, or the published files)", metavar="DIR")
     out = Flag("out", "new directory for this stage's outputs (refused if it exists and is not empty)", metavar="DIR")
@@ -70,7 +71,7 @@ def _flags() -> dict[str, dict[str, Flag]]:
                      "photos": Flag("photos", "photos of each retain context: the published one + new ones drawn in the "
                                     "same kit, shown with the other wordings (synthetic benchmarks; needs phrasings ≥ 2)", int),
                      "kit_drill": Flag("kit_drill", "photos per club of anonymous players in its kit, asked the club question, "
-                                       "so that the tiny model learns to read kits (synthetic benchmarks; 100 measured)", int)},
+                                       f"so that the tiny model learns to read kits (synthetic benchmarks; {TINY_KIT_DRILL} measured)", int)},
         "unlearn": {"data": data, "out": out, "model": trained, "dtype": dtype, "device": device,
                     "method": Flag("method", "unlearning method (offside/unlearn/)", choices=tuple(method_names())),
                     "scenario": Flag("scenario", "what is forgotten: complete (all 14 questions of each forget image), selective "

@@ -8,6 +8,8 @@ import sys
 
 def add_commands(sub) -> None:
     """Adds this package's subcommands to the `offside` parser."""
+    from offside.recipes import TINY_KIT_DRILL
+
     p = sub.add_parser("tune", help="Ray Tune sweep of DeepSpeed unlearning trials, tracked in MLflow")
     p.add_argument("--config", help="sweep YAML (e.g. tune_jobs/configs/tiny.yaml); not needed with --resume")
     p.add_argument("--address", help="join this Ray cluster (e.g. auto, ray://HOST:10001) instead of starting a local Ray")
@@ -24,7 +26,7 @@ def add_commands(sub) -> None:
     quick.add_argument("--seeds", type=int, default=1, help="training seeds: N vanilla models, each unlearned; mean ± 95 %% interval")
     quick.add_argument("--phrasings", type=int, default=3, choices=range(1, 5), help="wordings per training question of the vanilla model")
     quick.add_argument("--kit-drill", type=int, default=0, metavar="N",
-                       help="kit drill photos per club in the vanilla fine-tune, so that it reads kits (100 measured; 0: none)")
+                       help=f"kit drill photos per club in the vanilla fine-tune, so that it reads kits ({TINY_KIT_DRILL} measured; 0: none)")
     quick.set_defaults(func=cmd_quickstart)
 
 
