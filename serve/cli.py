@@ -49,8 +49,8 @@ def cmd_serve(args) -> None:
     try:  # Ctrl-C is a clean stop at any point, also while Serve is still starting
         url = start(settings, args.port, args.host)
         print(f"[offside] serving on {url} (OpenAPI: {url}/docs); logs in {logs_dir()}/serve; Ctrl-C stops", flush=True)
-        while True:
-            time.sleep(3600)
+        while True:  # short sleeps: the kernel may hand SIGINT to one of Ray's threads, and Python then
+            time.sleep(0.5)  # raises KeyboardInterrupt only when the main thread next runs bytecode
     except KeyboardInterrupt:
         pass
     finally:
