@@ -212,10 +212,12 @@ def test_a_full_model_vanilla_reference_under_zero3_is_refused_with_the_way_out(
     assert not (tmp_path / "npo").exists()  # nothing half-written
 
 
-@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
 def test_the_gpu_check_runs_on_cpu_with_the_tiny_model(nproc):
     """bench/gpu_check.py is for a CUDA machine; --tiny runs the same code on the CPU so it cannot rot,
-    its torchrun step (--nproc) too, with gloo (slow tier: two more ranks' start-up)."""
+    its torchrun step (--nproc) too, with gloo (slow tier: about a minute each, a subprocess that
+    starts DeepSpeed, evaluates, quantises and serves)."""
     import subprocess
     import sys
 
