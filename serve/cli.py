@@ -38,7 +38,11 @@ def serve_args(args) -> dict:
 
 
 def cmd_serve(args) -> None:
+    import faulthandler
+    import signal
     import time
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: every thread's stack to stderr
 
     from serve.settings import load_settings
 

@@ -406,8 +406,10 @@ def _interrupt(proc: subprocess.Popen, bound_s: float, to_another_thread: bool =
     try:
         proc.wait(timeout=bound_s)
     except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)  # offside serve prints every thread's stack: where it hangs
+        time.sleep(2)
         proc.kill()
-        raise AssertionError(f"offside serve still running {bound_s} s after SIGINT: {proc.communicate()[0][-3000:]}") from None
+        raise AssertionError(f"offside serve still running {bound_s} s after SIGINT: {proc.communicate()[0][-8000:]}") from None
     return time.perf_counter() - started, proc.communicate()[0]
 
 
