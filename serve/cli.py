@@ -40,15 +40,17 @@ def serve_args(args) -> dict:
 def cmd_serve(args) -> None:
     import faulthandler
     import signal
+    import sys
     import time
-
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: every thread's stack to stderr
 
     from serve.settings import load_settings
 
     settings = serve_args(args)
     load_settings(settings)  # every setting and model directory is checked before Ray is imported
     from serve.local import logs_dir, start, stop
+
+    # `kill -USR1 PID` prints every thread's stack; to the real stderr, as sys.stderr may be redirected in-process
+    faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
 
     try:  # Ctrl-C is a clean stop at any point, also while Serve is still starting
         url = start(settings, args.port, args.host)
