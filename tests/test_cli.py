@@ -92,7 +92,7 @@ def test_finetune_of_tiny_starts_from_the_tiny_recipe(tmp_path, data, monkeypatc
     assert main(stage + ["--model", "tiny", "--epochs", "2", "--config", str(file), "--set", "train.seed=3"]) == 0
     assert main(stage + ["--model", "some/checkpoint"]) == 0
     assert main(stage + ["--phrasings", "1"]) == 0  # the canonical wording alone: the full 40 epochs
-    assert main(stage + ["--kit-drill", "100"]) == 0  # the kit drill's recipe: 54 epochs, a third of them
+    assert main(stage + ["--kit-drill", "100"]) == 0  # the kit drill's recipe: 72 epochs, a third of them
     assert main(stage + ["--model", "some/checkpoint", "--kit-drill", "100"]) == 0
     tiny = replace(TINY_VANILLA, epochs=14)  # 3 wordings per question, a third of the epochs
     assert [c.train for c in seen] == [tiny, tiny, replace(tiny, epochs=2, batch_size=4, seed=3), TrainSpec(), TINY_VANILLA,
