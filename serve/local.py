@@ -36,9 +36,27 @@ def logs_dir() -> Path:
     return _session["logs"]
 
 
+GRACE_S = 60  # Serve's own bounds: replicas drain ≤ 20 s, its controller's shutdown call ≤ 30 s
+HARD_BOUND_S = 150
+
+
 def stop() -> None:
+    """Serve's graceful shutdown (replicas finish what they hold), then Ray's, which ends every Serve
+    actor as this process owns the Ray it started. Each wait is bounded: past GRACE_S the graceful
+    part is abandoned; past HARD_BOUND_S in all, every thread's stack goes to stderr and the process
+    exits with status 1 (Ray's processes share its fate), so a stop never hangs silently."""
+    import faulthandler
+    import sys
+    import threading
+
     import ray
     from ray import serve
 
-    serve.shutdown()
+    faulthandler.dump_traceback_later(HARD_BOUND_S, exit=True, file=sys.__stderr__)
+    graceful = threading.Thread(target=serve.shutdown, name="serve-shutdown", daemon=True)
+    graceful.start()
+    graceful.join(GRACE_S)
+    if graceful.is_alive():
+        print(f"[offside] Serve did not shut down within {GRACE_S} s; stopping Ray", file=sys.__stderr__, flush=True)
     ray.shutdown()
+    faulthandler.cancel_dump_traceback_later()

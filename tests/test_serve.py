@@ -449,6 +449,40 @@ def test_offside_serve_command_serves_until_interrupted(models):
     assert f"serving on {url}" in output and "/logs/serve" in output
 
 
+STOP_SCRIPT = """
+import sys, time
+import ray
+from ray import serve
+import serve.local as local
+
+local.GRACE_S, local.HARD_BOUND_S = 2, float(sys.argv[2])
+ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+hang = lambda *args, **kwargs: time.sleep(3600)
+if sys.argv[1] == "serve":
+    serve.shutdown = hang  # Serve's graceful shutdown never returns
+else:
+    ray.shutdown = hang  # neither does Ray's
+started = time.perf_counter()
+local.stop()
+print(f"stopped in {time.perf_counter() - started:.1f} s", flush=True)
+"""
+
+
+@pytest.mark.parametrize("hangs, hard_bound_s", [("serve", 60), ("ray", 4)])
+def test_a_stop_that_hangs_is_abandoned_within_its_bounds(hangs, hard_bound_s):
+    """A Serve shutdown that hangs is left after GRACE_S and Ray stops all the same; a Ray shutdown that
+    hangs ends the process after HARD_BOUND_S with every thread's stack, not a silent hang."""
+    done = subprocess.run([sys.executable, "-c", STOP_SCRIPT, hangs, str(hard_bound_s)], capture_output=True,
+                          text=True, timeout=120, cwd=REPO, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    if hangs == "serve":
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "Serve did not shut down within 2 s; stopping Ray" in done.stderr
+        assert float(done.stdout.split()[-2]) < 30  # Ray's own shutdown takes a few seconds
+    else:
+        assert done.returncode == 1 and "stopped in" not in done.stdout
+        assert "Timeout (0:00:04)!" in done.stderr and "in stop" in done.stderr, done.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_offside_serve_exits_after_sigint_under_load_five_times_in_a_row(models):
     """Clients keep sending (streaming and not, both models) when SIGINT comes, and nobody reads the
@@ -485,7 +519,7 @@ def test_offside_serve_exits_after_sigint_under_load_five_times_in_a_row(models)
             stop.set()
             if proc.poll() is None:
                 proc.kill()
-        assert proc.returncode == 0, (attempt, round(seconds), output[-2000:])
+        assert proc.returncode == 0, (attempt, round(seconds), output[-8000:])
         print(f"attempt {attempt}: exited {seconds:.1f} s after SIGINT, {answered.count(200)} answers")
 
 

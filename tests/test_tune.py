@@ -112,6 +112,7 @@ def test_existing_sweep_name_is_refused_without_resume(tmp_path, tiny_vanilla):
         run_sweep(config)
 
 
+@pytest.mark.slow  # 2–4 min beside the other worker's tests: it held the default tier over 10 min
 def test_two_trial_asha_sweep_of_deepspeed_pairs(tmp_path, tiny_vanilla, local_ray_env, monkeypatch):
     data, vanilla = tiny_vanilla
     config = sweep_from_dict(sweep_dict(tmp_path, data, vanilla, train={"epochs": 3, "lr": 4e-4, "batch_size": 8},
