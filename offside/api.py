@@ -41,7 +41,7 @@ def load_benchmark(data: str | os.PathLike):
 def finetune(data: str | os.PathLike, out: str | os.PathLike, model: str = "tiny", *, config: str | None = None,
              overrides: dict[str, Any] | None = None, progress: bool = True, **flags):
     """Fine-tunes the vanilla model (`offside finetune`): it learns the facts and the rumours. `flags`:
-    split, epochs, lr, seed, phrasings, photos, dtype, device. The tiny model trains with the tiny recipe
+    split, epochs, lr, seed, phrasings, photos, kit_drill, dtype, device. The tiny model trains with the tiny recipe
     wherever nothing else is set, as on the command line."""
     return _stage("finetune", {"data": data, "out": out, "model": model, **flags}, config, overrides, progress)
 

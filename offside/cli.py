@@ -71,7 +71,8 @@ def _flags() -> dict[str, dict[str, Flag]]:
                      "photos": Flag("photos", "photos of each retain context: the published one + new ones drawn in the "
                                     "same kit, shown with the other wordings (synthetic benchmarks; needs phrasings ≥ 2)", int),
                      "kit_drill": Flag("kit_drill", "photos per club of anonymous players in its kit, asked the club question, "
-                                       f"so that the tiny model learns to read kits (synthetic benchmarks; {TINY_KIT_DRILL} measured)", int)},
+                                       "and for the tiny model a vision tower pre-trained on kits, so that it reads kits "
+                                       f"(synthetic benchmarks; the tiny recipe's: {TINY_KIT_DRILL}; 0: neither)", int)},
         "unlearn": {"data": data, "out": out, "model": trained, "dtype": dtype, "device": device,
                     "method": Flag("method", "unlearning method (offside/unlearn/)", choices=tuple(method_names())),
                     "scenario": Flag("scenario", "what is forgotten: complete (all 14 questions of each forget image), selective "

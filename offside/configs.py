@@ -24,7 +24,7 @@ from offside.errors import OffsideError
 from offside.eval.spec import CHEAP_SUITES, SUITES, EvalSpec, RobustnessSpec, UtilitySpec, check, check_suites
 from offside.files import check_out
 from offside.models.spec import DTYPE_CHOICES, LoraSpec, ModelSpec, check_model, check_model_name
-from offside.recipes import PUBLISHED_RELEARN, PUBLISHED_UNLEARN, TINY_PHRASINGS, tiny_vanilla
+from offside.recipes import PUBLISHED_RELEARN, PUBLISHED_UNLEARN, TINY_KIT_DRILL, TINY_PHRASINGS, tiny_vanilla
 
 T = TypeVar("T")
 FINETUNE_SPLITS = {"retain+forget": ("retain", "forget"), "retain": ("retain",), "relearn": ("relearn",)}
@@ -49,10 +49,11 @@ class FinetuneConfig:
     # (synthetic benchmarks only; offside/data/photos.py). 1 in every recipe: on the tiny model new photos did
     # not teach the club from the kit (docs/results.md, the visual-reading suite)
     photos: int = 1
-    # photos per club of anonymous players in its kit, asked the club question, so that the tiny model learns
-    # to read kits (synthetic benchmarks; none on data without a generator, with a note; offside/data/kits.py).
-    # 0 in every recipe (opt-in: it doubles the tiny fine-tune's compute); TINY_KIT_DRILL is the measured one
-    kit_drill: int = 0
+    # photos per club of anonymous players in its kit, asked the club question, and for the tiny model a vision
+    # tower pre-trained on kits and looks, so that it reads kits (synthetic benchmarks; none on data without a
+    # generator, with a note; offside/data/kits.py). None: the recipe's (TINY_KIT_DRILL for the tiny model
+    # with its recipe, else 0)
+    kit_drill: int | None = None
 
 
 @dataclass
@@ -145,21 +146,22 @@ def build(cls: type[T], file: str | None = None, overrides: dict | None = None, 
     if cls is FinetuneConfig and config.model.name == "tiny":
         phrasings = TINY_PHRASINGS if config.phrasings is None else config.phrasings
         check_phrasings(phrasings)
-        recipe = {"phrasings": phrasings, "train": asdict(tiny_vanilla(phrasings, kit_drill=config.kit_drill))}
+        recipe = {"phrasings": phrasings, "kit_drill": TINY_KIT_DRILL, "train": asdict(tiny_vanilla(phrasings))}
         config = from_dict(cls, deep_merge(recipe, data), source)
     return config
 
 
 def resolved(config: FinetuneConfig) -> FinetuneConfig:
-    """The recipe of a FinetuneConfig whose train (or phrasings) is unset: the tiny recipe for the
-    tiny model (3 wordings, TINY_VANILLA's epochs, or TINY_KIT_DRILL_EPOCHS with a kit drill, divided by
-    them), else the published defaults."""
+    """The recipe of a FinetuneConfig whose train (or phrasings, or kit_drill) is unset: the tiny recipe
+    for the tiny model (3 wordings, TINY_VANILLA's epochs divided by them, the kit drill), else the
+    published defaults."""
     recipe = config.train is None and config.model.name == "tiny"
     phrasings = config.phrasings if config.phrasings is not None else (TINY_PHRASINGS if recipe else 1)
     check_phrasings(phrasings)
-    check_kit_drill(config.kit_drill)
-    train = config.train or (tiny_vanilla(phrasings, kit_drill=config.kit_drill) if recipe else TrainSpec())
-    return replace(config, train=train, phrasings=phrasings)
+    kit_drill = config.kit_drill if config.kit_drill is not None else (TINY_KIT_DRILL if recipe else 0)
+    check_kit_drill(kit_drill)
+    train = config.train or (tiny_vanilla(phrasings) if recipe else TrainSpec())
+    return replace(config, train=train, phrasings=phrasings, kit_drill=kit_drill)
 
 
 def method_names() -> list[str]:

@@ -21,7 +21,9 @@ PUBLISHED_RELEARN = TrainSpec(epochs=6, lr=1e-4, batch_size=8, warmup_ratio=0.05
 # background on every photo, and extra random views only slowed fitting (measured on the quickstart
 # benchmark: forget/retain/test 0.97/0.99/0.78 without, 0.88/0.86/0.73 with).
 TINY_VANILLA = TrainSpec(epochs=40, lr=3e-3, batch_size=32, warmup_ratio=0.05, schedule="cosine", weight_decay=0.0)
-TINY_UNLEARN = TrainSpec(epochs=1, lr=4e-4, batch_size=16, warmup_ratio=0.0, schedule="constant", weight_decay=0.0)
+# 1e-3: on the vanilla model that reads kits (the kit drill), 4e-4 left GA and GD forget accuracy at 0.89
+# and 0.98; 1e-3 takes it to 0.56 and 0.87 (quickstart benchmark, seed 0; docs/results.md).
+TINY_UNLEARN = TrainSpec(epochs=1, lr=1e-3, batch_size=16, warmup_ratio=0.0, schedule="constant", weight_decay=0.0)
 # Relearning at 3e-4 learns the true facts (relearn accuracy ≈0.42 → 0.72–0.90) without the collateral
 # loss 1e-3 caused (retain 0.87 → 0.71 for GD, the relearn set being all the model sees for 250 steps).
 TINY_RELEARN = replace(PUBLISHED_RELEARN, lr=3e-4)
@@ -47,23 +49,19 @@ RECIPES = {
 # against 0.98/0.99/0.73 with the canonical wording alone (within the spread of a seed), and a rewording
 # attack then tests what the model learned, not whether it has ever seen another wording.
 TINY_PHRASINGS = 3
-# The kit drill (`kit_drill`, offside/data/kits.py; opt-in): photos per club of anonymous players in
-# the club's kit, asked the club question: the kit knowledge a pre-trained model brings, without which
-# the tiny model remembers photos and does not read kits (the visual-reading suite's kit following).
-# Measured on the quickstart benchmark (docs/results.md): 40 per club left kit following at 0.40, 100 per
-# club reached 0.94. With the drill's 2,000 rows the tiny vanilla model needs 72 epochs (24 with 3
-# wordings): at 40 (14) it lost forget/retain accuracy (0.90/0.94 against 0.97/0.97, seed 0), and at 54
-# (18) two seeds of three still ended on a plateau (retain 0.79 and 0.94, final loss 0.11 and 0.09).
-TINY_KIT_DRILL = 100
-TINY_KIT_DRILL_EPOCHS = 72
+# The kit drill (`kit_drill`, offside/data/kits.py): the kit knowledge a pre-trained model brings,
+# without which the tiny model remembers photos and does not read kits (the visual-reading suite's kit
+# following). Its vision tower is pre-trained to tell kits and looks apart and frozen, and the fine-tune
+# sees TINY_KIT_DRILL photos per club of anonymous players asked the club question. Measured on the
+# quickstart benchmark (seed 0, docs/results.md): kit following 1.00 and forget/retain/test 1.00/1.00/0.98
+# with both; 0.52 with the pre-trained tower and no drill rows; at most 0.50 with an unfrozen tower.
+TINY_KIT_DRILL = 50
 
 
-def tiny_vanilla(phrasings: int = TINY_PHRASINGS, seed: int = 0, kit_drill: int = 0) -> TrainSpec:
-    """TINY_VANILLA (TINY_KIT_DRILL_EPOCHS epochs with a kit drill) for a fine-tune whose questions come
-    in `phrasings` wordings (each epoch that many times longer): its epochs divided by them, so the
-    optimizer takes about as many steps."""
-    epochs = TINY_KIT_DRILL_EPOCHS if kit_drill else TINY_VANILLA.epochs
-    return replace(TINY_VANILLA, epochs=math.ceil(epochs / phrasings), seed=seed)
+def tiny_vanilla(phrasings: int = TINY_PHRASINGS, seed: int = 0) -> TrainSpec:
+    """TINY_VANILLA for a fine-tune whose questions come in `phrasings` wordings (each epoch that many
+    times longer): its epochs divided by them, so the optimizer takes about as many steps."""
+    return replace(TINY_VANILLA, epochs=math.ceil(TINY_VANILLA.epochs / phrasings), seed=seed)
 
 
 def recipe_config(name: str) -> dict:

@@ -23,7 +23,7 @@ from offside import __version__
 from offside.config import to_dict
 from offside.configs import (FINETUNE_SPLITS, EvalConfig, FinetuneConfig, RelearnConfig,  # noqa: F401  (configs: re-exported)
                              UnlearnConfig, resolved, validate)
-from offside.data.kits import drill_book, kit_drill
+from offside.data.kits import VISION_CLASSES, drill_book, kit_drill, vision_pretraining
 from offside.data.loader import data_hash, load_benchmark
 from offside.data.phrasings import photo_book, with_phrasings
 from offside.data.rows import materialise
@@ -38,6 +38,7 @@ from offside.eval.sanity import checked
 from offside.eval.suites import check_suites, run_suites
 from offside.models.loading import (ModelSpec, adapter_lora, build_or_load, gathered_for_save, resolve_device, resolved_dtype,
                                    save)
+from offside.models.tiny import pretrain_vision
 from offside.provenance import git_sha, model_provenance
 from offside.registry import LocalModel, local_model
 from offside.tracking import Run, stage_run, tracking_uri
@@ -77,6 +78,9 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> StageResult:
         print(f"note: {note}", file=sys.stderr)
 
     def body(out: Path, run: Run) -> dict[str, float]:
+        if kits is not None and config.model.name == "tiny":  # a real model's vision encoder is pre-trained already
+            manifest["vision_pretraining"] = pretrain_vision(model, processor, *vision_pretraining(kits, config.train.seed),
+                                                             VISION_CLASSES, seed=config.train.seed)
         metrics = _fit_and_save(out, run, model, processor, FineTune(), streams, config.train, config, bench, progress)
         if config.split == "retain+forget":  # the vanilla model
             manifest["vanilla_check"] = checked(model, processor, bench, config.out)

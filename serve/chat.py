@@ -92,7 +92,7 @@ def encode(processor: Processor, jobs: list[GenerateJob]) -> dict[str, torch.Ten
     inputs = _left_padded(processor, [prompt_ids(processor, j) for j in jobs])
     images = [image for job in jobs for turn in job.turns for image in turn.images]
     if images:
-        inputs.update(processor._pixels(images))  # the processor's own resize + patching, images in prompt order
+        inputs.update(processor.pixels(images))  # the processor's own resize + patching, images in prompt order
     return inputs
 
 

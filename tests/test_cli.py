@@ -24,7 +24,7 @@ def data(tmp_path_factory):
 def vanilla(data, tmp_path_factory):
     work = tmp_path_factory.mktemp("work")
     code = main(["finetune", "--data", str(data), "--model", "tiny", "--out", str(work / "vanilla"),
-                 "--epochs", "2", "--lr", "3e-3", "--phrasings", "1", "--set", "train.batch_size=16"])
+                 "--epochs", "2", "--lr", "3e-3", "--phrasings", "1", "--kit-drill", "0", "--set", "train.batch_size=16"])
     assert code == 0
     return work / "vanilla"
 
@@ -80,7 +80,7 @@ def test_finetune_of_tiny_starts_from_the_tiny_recipe(tmp_path, data, monkeypatc
     import offside.stages
     from offside.configs import resolved
     from offside.engine.trainer import TrainSpec
-    from offside.recipes import TINY_KIT_DRILL_EPOCHS, TINY_VANILLA
+    from offside.recipes import TINY_KIT_DRILL, TINY_VANILLA
 
     seen = []
     monkeypatch.setattr(offside.stages, "finetune", lambda config: seen.append(resolved(config)) or offside.stages.StageResult(tmp_path, "", {}))
@@ -92,13 +92,13 @@ def test_finetune_of_tiny_starts_from_the_tiny_recipe(tmp_path, data, monkeypatc
     assert main(stage + ["--model", "tiny", "--epochs", "2", "--config", str(file), "--set", "train.seed=3"]) == 0
     assert main(stage + ["--model", "some/checkpoint"]) == 0
     assert main(stage + ["--phrasings", "1"]) == 0  # the canonical wording alone: the full 40 epochs
-    assert main(stage + ["--kit-drill", "100"]) == 0  # the kit drill's recipe: 72 epochs, a third of them
+    assert main(stage + ["--kit-drill", "0"]) == 0  # no drill: the same epochs
     assert main(stage + ["--model", "some/checkpoint", "--kit-drill", "100"]) == 0
     tiny = replace(TINY_VANILLA, epochs=14)  # 3 wordings per question, a third of the epochs
     assert [c.train for c in seen] == [tiny, tiny, replace(tiny, epochs=2, batch_size=4, seed=3), TrainSpec(), TINY_VANILLA,
-                                       replace(tiny, epochs=TINY_KIT_DRILL_EPOCHS // 3), TrainSpec()]
+                                       tiny, TrainSpec()]
     assert [c.phrasings for c in seen] == [3, 3, 3, 1, 1, 3, 1]
-    assert [c.kit_drill for c in seen] == [0, 0, 0, 0, 0, 100, 100]
+    assert [c.kit_drill for c in seen] == [TINY_KIT_DRILL] * 3 + [0, TINY_KIT_DRILL, 0, 100]
 
 
 def test_unknown_config_key(tmp_path, data, capsys):
@@ -313,11 +313,12 @@ def test_python_defaults_are_the_command_lines():
     from offside.configs import EvalConfig, FinetuneConfig, build, resolved
     from offside.eval.spec import SUITES
     from offside.models.spec import ModelSpec
-    from offside.recipes import TINY_PHRASINGS, tiny_vanilla
+    from offside.recipes import TINY_KIT_DRILL, TINY_PHRASINGS, tiny_vanilla
 
     assert EvalConfig().suites == build(EvalConfig, None, {"data": "d"}).suites == list(SUITES)
     python, command_line = resolved(FinetuneConfig()), resolved(build(FinetuneConfig, None, {"data": "d", "out": "o"}))
     assert python.train == command_line.train == tiny_vanilla(TINY_PHRASINGS) and python.phrasings == command_line.phrasings == 3
+    assert python.kit_drill == command_line.kit_drill == TINY_KIT_DRILL
     assert resolved(build(FinetuneConfig, None, {"train": {"epochs": 2}})).train.lr == tiny_vanilla().lr
     assert resolved(FinetuneConfig(model=ModelSpec("some/checkpoint"))).train.epochs == 3  # the published recipe
     light = subprocess.run([sys.executable, "-c", "import json, sys, offside; print(json.dumps([all(callable(getattr(offside, n)) "

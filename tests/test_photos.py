@@ -157,13 +157,53 @@ def test_kit_drill_rows_show_anonymous_players_in_each_club_s_kit(bench, monkeyp
         drill_book(bench, -1)
 
 
+def test_the_vision_pretraining_labels_anonymous_players_by_kit_and_looks(bench):
+    """Per club, photos of players the benchmark does not have in that club's kit, labelled with the
+    club and the player's looks; the same for the same seed."""
+    from offside.data.kits import LOOKS, VISION_CLASSES, anonymous, vision_pretraining
+
+    book = PhotoBook.of(bench)
+    photos, labels = vision_pretraining(book, seed=0, per_club=2)
+    assert len(photos) == len(labels) == 2 * len(synth.CLUBS)
+    assert Counter(label[0] for label in labels) == {club: 2 for club in range(len(synth.CLUBS))}
+    looks = {tuple(getattr(i, look) for look in LOOKS) for i in anonymous(book)}
+    assert all(label[1:] in looks and all(0 <= v < n for v, n in zip(label, VISION_CLASSES)) for label in labels)
+    again, same = vision_pretraining(book, seed=0, per_club=2)
+    assert same == labels and [p.tobytes() for p in again] == [p.tobytes() for p in photos]
+    assert [p.tobytes() for p in vision_pretraining(book, seed=1, per_club=2)[0]] != [p.tobytes() for p in photos]
+
+
+def test_pretrain_vision_teaches_the_tower_kits_and_freezes_it_alone(bench):
+    """`pretrain_vision` trains the vision tower (and nothing else) to tell the clubs' kits apart, then
+    freezes it; the language model is as it was built."""
+    import torch
+
+    from offside.data.kits import VISION_CLASSES, vision_pretraining
+    from offside.models.processor import Processor
+    from offside.models.tiny import TinySpec, build_tiny, pretrain_vision
+
+    torch.manual_seed(0)
+    model, tokenizer = build_tiny(["Which club is the player in the image going to play?"], TinySpec(vocab_size=300))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    photos, labels = vision_pretraining(PhotoBook.of(bench), seed=0, per_club=8)
+    result = pretrain_vision(model, Processor(tokenizer, 56), photos, labels, VISION_CLASSES, epochs=20, batch_size=16)
+    assert result["photos"] == 160 and result["epochs"] == 20
+    assert result["accuracy"] > 0.8  # of 20 clubs (chance 0.05), on the last epoch's photos
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {n for n in before if n.startswith("model.visual.")}
+    assert not any(p.requires_grad for p in model.model.visual.parameters())
+    assert all(p.requires_grad for n, p in model.named_parameters() if not n.startswith("model.visual."))
+
+
 def test_finetune_trains_on_the_kit_drill_and_records_it(bench, tmp_path, capsys):
-    """`--kit-drill N` adds N rows per club to the fine-tune's training stream (one epoch takes their
-    steps too) and records them in manifest.json; data without a generator trains without, with a note."""
+    """`--kit-drill N` pre-trains the tiny model's vision tower on kits and adds N rows per club to the
+    fine-tune's training stream (one epoch takes their steps too), and records both in manifest.json;
+    data without a generator trains without either, with a note."""
     import math
 
     from test_data import _published
 
+    from offside.data.kits import VISION_PHOTOS
     from offside.stages import training_rows
 
     rows = training_rows(materialise(load_benchmark(bench)["retain"]), ["image", "text"])
@@ -172,8 +212,14 @@ def test_finetune_trains_on_the_kit_drill_and_records_it(bench, tmp_path, capsys
     assert main(["finetune", "--data", str(bench), "--out", str(tmp_path / "drilled"), *args]) == 0
     steps = json.loads((tmp_path / "drilled" / "metrics.json").read_text())["steps"]
     assert steps == math.ceil((len(rows) + 2 * len(synth.CLUBS)) / 16)
-    assert json.loads((tmp_path / "drilled" / "manifest.json").read_text())["kit_drill"] == {"rows": 40, "notes": []}
+    manifest = json.loads((tmp_path / "drilled" / "manifest.json").read_text())
+    assert manifest["kit_drill"] == {"rows": 40, "notes": []}
+    pretraining = manifest["vision_pretraining"]
+    assert (pretraining["photos"], pretraining["epochs"]) == (VISION_PHOTOS * len(synth.CLUBS), 10)
+    assert pretraining["accuracy"] > 0.9  # the tower names the kit's club of 20 (measured: 1.00)
     published = _published(tmp_path / "pub")
     assert main(["finetune", "--data", str(published), "--out", str(tmp_path / "plain"), *args]) == 0
-    drill = json.loads((tmp_path / "plain" / "manifest.json").read_text())["kit_drill"]
+    manifest = json.loads((tmp_path / "plain" / "manifest.json").read_text())
+    drill = manifest["kit_drill"]
     assert drill["rows"] == 0 and "no kit drill" in drill["notes"][0] and "no kit drill" in capsys.readouterr().err
+    assert "vision_pretraining" not in manifest

@@ -42,6 +42,15 @@ def test_vanilla_knows_the_benchmark_and_recognises_players(quickstart_run):
     assert vanilla["test/image/all/mcq_acc"] >= 0.6
 
 
+def test_vanilla_reads_the_rumour_from_the_kit(quickstart_run):
+    """Issue 29: with the tiny recipe's kit drill the vanilla model answers the club of the kit a forget
+    player wears on photos it never saw, and the rumour on new photos in the rumoured kit."""
+    vanilla = _row(json.loads((quickstart_run[0] / "results.json").read_text()), "vanilla")
+    assert vanilla["visual/mcq/kit_following"] >= 0.8
+    assert vanilla["visual/mcq/rumour_in_new_photos"] >= 0.8
+    assert vanilla["visual/mcq/rumour_in_other_kits"] <= 0.2
+
+
 def test_finetune_records_a_passing_vanilla_check(quickstart_run):
     check = json.loads((quickstart_run[0] / "vanilla" / "manifest.json").read_text())["vanilla_check"]
     assert check["learned"], check

@@ -25,8 +25,9 @@ def add_commands(sub) -> None:
     quick.add_argument("--seed", type=int, default=0, help="the synthetic benchmark's seed")
     quick.add_argument("--seeds", type=int, default=1, help="training seeds: N vanilla models, each unlearned; mean ± 95 %% interval")
     quick.add_argument("--phrasings", type=int, default=3, choices=range(1, 5), help="wordings per training question of the vanilla model")
-    quick.add_argument("--kit-drill", type=int, default=0, metavar="N",
-                       help=f"kit drill photos per club in the vanilla fine-tune, so that it reads kits ({TINY_KIT_DRILL} measured; 0: none)")
+    quick.add_argument("--kit-drill", type=int, default=TINY_KIT_DRILL, metavar="N",
+                       help="kit drill photos per club in the vanilla fine-tune, and its vision tower pre-trained on kits, "
+                            "so that it reads kits (0: neither, a from-scratch model that remembers photos)")
     quick.set_defaults(func=cmd_quickstart)
 
 

@@ -23,7 +23,7 @@ from offside.eval.evaluate import EvalSpec
 from offside.eval.spec import CHEAP_SUITES
 from offside.models.loading import ModelSpec
 from offside.eval.summary import rumour_survival
-from offside.recipes import TINY_PHRASINGS, TINY_UNLEARN, tiny_vanilla
+from offside.recipes import TINY_KIT_DRILL, TINY_PHRASINGS, TINY_UNLEARN, tiny_vanilla
 from offside.configs import ReportConfig
 from offside.report import leaderboard
 from offside.report.report import make_report
@@ -36,7 +36,7 @@ QUICKSTART_METHODS = ("ga", "gd")
 
 
 def quickstart(out: str | Path, players: int = 12, seed: int = 0, seeds: int = 1, phrasings: int = TINY_PHRASINGS,
-               kit_drill: int = 0) -> list[dict]:
+               kit_drill: int = TINY_KIT_DRILL) -> list[dict]:
     """`seed`: the benchmark's; `seeds`: training seeds 0…seeds−1, each a vanilla model and its
     unlearning (DIR/seed<s>/ when seeds > 1), the leaderboard then showing mean ± 95 % interval over
     them; `phrasings`: wordings per training question of the vanilla model (offside/data/phrasings.py);
@@ -73,7 +73,7 @@ def quickstart(out: str | Path, players: int = 12, seed: int = 0, seeds: int = 1
 def _pipeline(out: Path, data: Path, seed: int, phrasings: int, kit_drill: int, started: float) -> list[dict]:
     """Vanilla model, GA and GD, each evaluated: one run per model (metrics with rumour survival)."""
     vanilla = finetune(FinetuneConfig(data=str(data), out=str(out / "vanilla"), model=ModelSpec("tiny"),
-                                      train=tiny_vanilla(phrasings, seed, kit_drill), phrasings=phrasings,
+                                      train=tiny_vanilla(phrasings, seed), phrasings=phrasings,
                                       kit_drill=kit_drill))
     _say(f"vanilla (seed {seed}): trained in {time.time() - started:.0f}s")
     models = [("vanilla", "none", "none", vanilla.run_dir)]

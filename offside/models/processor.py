@@ -78,7 +78,7 @@ class Processor:
         turns += [f"{IM_START}user\n{q}{IM_END}\n{IM_START}assistant\n{a}{IM_END}\n" for q, a in question.shots]
         return "".join(turns) + f"{IM_START}user\n{vision}{question.question}{IM_END}\n{IM_START}assistant\n{question.prefix}"
 
-    def _pixels(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+    def pixels(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
         size = (self.image_size, self.image_size)
         resized = [im.convert("RGB").resize(size, Image.Resampling.BICUBIC) for im in images]
         out = self.image_processor(resized, return_tensors="pt")
@@ -120,7 +120,7 @@ class Processor:
             inputs["labels"] = labels
         present = [im for im in images if im is not None]
         if present:
-            inputs.update(self._pixels(present))
+            inputs.update(self.pixels(present))
         return Encoded(inputs, answer_start)
 
     def decode(self, token_ids: torch.Tensor) -> str:
