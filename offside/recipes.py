@@ -54,7 +54,7 @@ TINY_PHRASINGS = 3
 # following). Its vision tower is pre-trained to tell kits and looks apart and frozen, and the fine-tune
 # sees TINY_KIT_DRILL photos per club of anonymous players asked the club question. Measured on the
 # quickstart benchmark (seed 0, docs/results.md): kit following 1.00 and forget/retain/test 1.00/1.00/0.98
-# with both; 0.52 with the pre-trained tower and no drill rows; at most 0.50 with an unfrozen tower.
+# with both; 0.52 without the drill rows; 0.50 with a tower pre-trained on kits alone and left to train.
 TINY_KIT_DRILL = 50
 
 
