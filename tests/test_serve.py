@@ -404,12 +404,7 @@ def _interrupt(proc: subprocess.Popen, bound_s: float, to_another_thread: bool =
     started = time.perf_counter()
     _sigint_another_thread(proc.pid) if to_another_thread else proc.send_signal(signal.SIGINT)
     try:
-        if to_another_thread:  # a signal sent to one thread is lost if that thread exits before it runs the
-            try:               # handler (the kernel never picks such a thread): once, resend to a live one
-                proc.wait(timeout=RESEND_S)
-            except subprocess.TimeoutExpired:
-                _sigint_another_thread(proc.pid)
-        proc.wait(timeout=bound_s - (time.perf_counter() - started))
+        proc.wait(timeout=bound_s)
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGUSR1)  # offside serve prints every thread's stack: where it hangs
         time.sleep(2)
@@ -435,7 +430,6 @@ def _sigint_another_thread(pid: int) -> None:
 
 
 SHUTDOWN_BOUND_S = 180  # Serve drains replicas (≤ 30 s) and its controller's shutdown call waits ≤ 30 s
-RESEND_S = 90  # once, and after longer than a clean stop takes (≤ 60 s: the two waits above)
 
 
 def test_offside_serve_command_serves_until_interrupted(models):
