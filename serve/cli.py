@@ -39,10 +39,9 @@ def serve_args(args) -> dict:
 
 def cmd_serve(args) -> None:
     import faulthandler
-    import select
     import signal
-    import socket
     import sys
+    import time
 
     from serve.settings import load_settings
 
@@ -53,20 +52,13 @@ def cmd_serve(args) -> None:
     # `kill -USR1 PID` prints every thread's stack; to the real stderr, as sys.stderr may be redirected in-process
     faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
 
-    # The kernel may hand SIGINT to one of Ray's threads. Python's handler then only flags it for the main
-    # thread, and under load another thread can clear that flag before the main thread looks (CPython
-    # 3.11's eval breaker), so the signal is seen late or never. The handler also writes the signal's
-    # number to the wakeup fd, from whichever thread it ran on: the main thread waits on that.
-    woken, wakeup = socket.socketpair()
-    wakeup.setblocking(False)
-    signal.set_wakeup_fd(wakeup.fileno(), warn_on_full_buffer=False)
     try:  # Ctrl-C is a clean stop at any point, also while Serve is still starting
         url = start(settings, args.port, args.host)
         print(f"[offside] serving on {url} (OpenAPI: {url}/docs); logs in {logs_dir()}/serve; Ctrl-C stops", flush=True)
-        while not (select.select([woken], [], [], 0.5)[0] and signal.SIGINT in woken.recv(64)):
-            pass
+        while True:  # short sleeps: the kernel may hand SIGINT to one of Ray's threads, and Python then
+            time.sleep(0.5)  # raises KeyboardInterrupt only when the main thread next runs bytecode
     except KeyboardInterrupt:
         pass
-    finally:  # a SIGINT flagged but not yet raised must not cut the stop short (it is bounded: serve/local.py)
+    finally:  # a second SIGINT must not cut the stop short (it is bounded: serve/local.py)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         stop()

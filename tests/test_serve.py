@@ -419,14 +419,25 @@ def _sigint_another_thread(pid: int) -> None:
     import ctypes
     import platform
 
-    for tid in sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid):
+    def mask(tid: int, field: str) -> int:
         status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
-        blocked = int(next(line for line in status.splitlines() if line.startswith("SigBlk:")).split()[1], 16)
-        if not blocked & (1 << (signal.SIGINT - 1)):
+        return int(next(line for line in status.splitlines() if line.startswith(field)).split()[1], 16)
+
+    bit = 1 << (signal.SIGINT - 1)
+    for tid in sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid):
+        try:
+            if mask(tid, "SigBlk:") & bit:
+                continue
             tgkill = {"x86_64": 234, "aarch64": 131}[platform.machine()]
             assert ctypes.CDLL(None, use_errno=True).syscall(tgkill, pid, tid, signal.SIGINT) == 0
-            return
-    raise AssertionError(f"every thread of {pid} but the main one blocks SIGINT")
+            time.sleep(1)
+            # A thread waiting with a temporary mask that blocks SIGINT (epoll_pwait) keeps it pending, where
+            # the kernel would have picked another thread for a process's signal: try the next thread.
+            if not mask(tid, "SigPnd:") & bit:
+                return
+        except (FileNotFoundError, StopIteration):
+            continue  # the thread exited
+    raise AssertionError(f"no thread of {pid} but the main one takes SIGINT")
 
 
 SHUTDOWN_BOUND_S = 180  # Serve drains replicas (≤ 30 s) and its controller's shutdown call waits ≤ 30 s
